@@ -1,0 +1,72 @@
+"""Trial records: what the driver writes for every finished trial and the report reads.
+
+One JSON object per line in ``<study dir>/trials.jsonl``; a trial id may appear more than
+once (a retried or resumed trial), the last line wins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+# solved / unsolved: a real outcome at the study's budget. stopped: cut short by the
+# early-stopping scheduler (unsolved within a smaller budget). diverged / oom / failed /
+# preempted: no outcome; never counted as unsolved.
+Status = Literal["solved", "unsolved", "stopped", "diverged", "oom", "failed", "preempted"]
+OUTCOMES: frozenset[str] = frozenset({"solved", "unsolved", "stopped"})
+
+
+class TrialRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    study_id: str
+    trial_id: str
+    kind: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_params: int | None = None
+    point: str  # e.g. "N7_T2" or "N7_T1+N7_T2"
+    coords: list[int]  # position on the study's complexity axes (ladder: [rung]; grid: [iN, iT])
+    seed: int
+    lr: float
+    status: Status
+    eval_acc: float | None = None
+    acc_per_task: dict[str, float] = {}
+    eval_loss: float | None = None
+    steps: int = 0
+    steps_to_solve: int | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    node_id: str | None = None
+    mlflow_run_id: str | None = None
+    error: str | None = None
+
+    @property
+    def size_name(self) -> str:
+        return f"d{self.d_model}_l{self.n_layers}_h{self.n_heads}"
+
+
+def read_records(path: str | Path) -> list[TrialRecord]:
+    """Records of a trials file, one per trial id (the last line wins), in file order."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    by_id: dict[str, TrialRecord] = {}
+    for line in p.read_text().splitlines():
+        if line.strip():
+            rec = TrialRecord.model_validate_json(line)
+            by_id.pop(rec.trial_id, None)
+            by_id[rec.trial_id] = rec
+    return list(by_id.values())
+
+
+def append_record(path: str | Path, record: TrialRecord | dict[str, Any]) -> None:
+    rec = record if isinstance(record, TrialRecord) else TrialRecord.model_validate(record)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec.model_dump(mode="json"), sort_keys=True) + "\n")
+        f.flush()

@@ -1,0 +1,56 @@
+"""Settings from the environment (prefix ``LADDER_``), read once through ``get_settings()``.
+
+The embedded default keeps everything under one data directory: SQLite for the registry,
+Optuna and MLflow, Ray Tune results beside them. Scale-out changes only these settings.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LADDER_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("ladder-data"), description="where studies, results and SQLite files live")
+    mlflow_tracking_uri: str | None = Field(default=None, description="default: sqlite:///<data_dir>/mlflow.db")
+    optuna_storage: str | None = Field(default=None, description="default: sqlite:///<data_dir>/optuna.db")
+    registry_url: str | None = Field(default=None, description="default: sqlite:///<data_dir>/registry.db")
+    ray_address: str | None = Field(default=None, description="a Ray cluster (Ray Jobs) address; unset: local Ray")
+    storage_path: str | None = Field(default=None, description="Ray Tune results; default <data_dir>/ray_results")
+    mlflow_ui_url: str | None = Field(default=None, description="base URL of the MLflow UI for deep links")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()  # trials chdir: every path must be absolute
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    @property
+    def optuna_url(self) -> str:
+        return self.optuna_storage or f"sqlite:///{self.data_dir / 'optuna.db'}"
+
+    @property
+    def registry(self) -> str:
+        return self.registry_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    @property
+    def tune_storage(self) -> str:
+        return self.storage_path or str(self.data_dir / "ray_results")
+
+    def study_dir(self, study_id: str) -> Path:
+        return self.data_dir / "studies" / study_id
+
+
+@lru_cache
+def get_settings() -> Settings:
+    s = Settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    return s

@@ -1,0 +1,312 @@
+"""The study specification: one pydantic model for the CLI, the API and the driver.
+
+A spec names what to compare (attention kinds), where (task points: an ordered ladder
+of rungs or an N x T grid, with multi-task mixtures), at which model sizes, with what
+budget and search. Every invalid value is rejected with the field and the rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workers.attention import ATTENTION_KINDS
+from workers.tasks import TASK_FAMILIES, TaskMix
+
+SPEC_VERSION = 1
+
+PosInt = Annotated[int, Field(ge=1)]
+Member = tuple[Annotated[int, Field(ge=2, description="N, the modulus (>= 2)")], PosInt]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSize(_Strict):
+    """One model size."""
+
+    d_model: PosInt
+    n_layers: PosInt
+    n_heads: PosInt
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSize:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads (d_model={self.d_model}, n_heads={self.n_heads})")
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"d{self.d_model}_l{self.n_layers}_h{self.n_heads}"
+
+
+class ModelAxes(_Strict):
+    """Model sizes as explicit ``sizes`` or as the product of the three axes."""
+
+    sizes: list[ModelSize] | None = None
+    d_model: list[PosInt] | None = None
+    n_layers: list[PosInt] | None = None
+    n_heads: list[PosInt] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModelAxes:
+        axes = (self.d_model, self.n_layers, self.n_heads)
+        if self.sizes is not None and any(a is not None for a in axes):
+            raise ValueError("give either sizes or the d_model/n_layers/n_heads axes, not both")
+        if self.sizes is None and any(a is None for a in axes):
+            raise ValueError("give sizes, or all three axes d_model, n_layers and n_heads")
+        if self.sizes is not None and not self.sizes:
+            raise ValueError("sizes must not be empty")
+        for name in ("d_model", "n_layers", "n_heads"):
+            vals = getattr(self, name)
+            if vals is not None and not vals:
+                raise ValueError(f"{name} axis must not be empty")
+        self.all_sizes()  # every combination must be valid
+        return self
+
+    def all_sizes(self) -> list[ModelSize]:
+        if self.sizes is not None:
+            return list(self.sizes)
+        assert self.d_model and self.n_layers and self.n_heads  # checked by the validator
+        return [ModelSize(d_model=d, n_layers=n, n_heads=h) for d, n, h in itertools.product(*self._axes())]
+
+    def _axes(self) -> tuple[list[int], list[int], list[int]]:
+        return list(self.d_model or []), list(self.n_layers or []), list(self.n_heads or [])
+
+
+class Grid(_Strict):
+    """An N x T grid; a T entry that is a list is a multi-task set of look-backs."""
+
+    N: list[Annotated[int, Field(ge=2)]] = Field(min_length=1)
+    T: list[PosInt | list[PosInt]] = Field(min_length=1)
+
+
+class TaskAxes(_Strict):
+    family: Literal["nt"] = "nt"
+    ladder: list[list[Member]] | None = Field(
+        default=None, description="ordered rungs, easiest first; a rung with several [N, T] members is multi-task"
+    )
+    grid: Grid | None = None
+    identify_margin: Annotated[int, Field(ge=0)] = 2
+    context_margin: PosInt = Field(default=4, description="scored positions required beyond each point's prefix")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TaskAxes:
+        if (self.ladder is None) == (self.grid is None):
+            raise ValueError("give exactly one of ladder or grid")
+        if self.ladder is not None and not self.ladder:
+            raise ValueError("ladder must not be empty")
+        for i, rung in enumerate(self.ladder or []):
+            if not rung:
+                raise ValueError(f"ladder[{i}] must have at least one [N, T] member")
+            if len(set(rung)) != len(rung):
+                raise ValueError(f"ladder[{i}] repeats a member: {rung}")
+        for t in self.grid.T if self.grid else []:
+            if isinstance(t, list) and (not t or len(set(t)) != len(t)):
+                raise ValueError(f"grid.T set {t} must be non-empty with distinct values")
+        names = [p.name for p in self.points()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task points must be distinct, got {names}")
+        return self
+
+    def points(self) -> list[Point]:
+        """Every task point with its coordinates (ladder: rung index; grid: axis indices)."""
+        if self.ladder is not None:
+            return [Point(members=[(n, t) for n, t in rung], coords=(i,)) for i, rung in enumerate(self.ladder)]
+        assert self.grid is not None
+        out = []
+        for i, n in enumerate(self.grid.N):
+            for j, t in enumerate(self.grid.T):
+                ts = t if isinstance(t, list) else [t]
+                out.append(Point(members=[(n, x) for x in ts], coords=(i, j)))
+        return out
+
+    @property
+    def axes(self) -> list[str]:
+        return ["rung"] if self.ladder is not None else ["N", "T"]
+
+
+class Point(_Strict):
+    """A task point: its members and its coordinates on the study's complexity axes."""
+
+    members: list[tuple[int, int]]
+    coords: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(f"N{n}_T{t}" for n, t in self.members)
+
+    def mix(self, identify_margin: int) -> TaskMix:
+        return TASK_FAMILIES["nt"](self.members, identify_margin)
+
+
+class FloatParam(_Strict):
+    """A float hyper-parameter: fixed ``values`` (grid) or a ``low``..``high`` range (searched)."""
+
+    values: list[Annotated[float, Field(gt=0)]] | None = None
+    low: Annotated[float, Field(gt=0)] | None = None
+    high: Annotated[float, Field(gt=0)] | None = None
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FloatParam:
+        if (self.values is None) == (self.low is None or self.high is None):
+            raise ValueError("give either values or both low and high")
+        if self.values is not None and not self.values:
+            raise ValueError("values must not be empty")
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low must be < high (low={self.low}, high={self.high})")
+        return self
+
+    def grid_values(self) -> list[float]:
+        """The grid's values; a range gives its geometric (or arithmetic) midpoint."""
+        if self.values is not None:
+            return list(self.values)
+        assert self.low is not None and self.high is not None
+        return [(self.low * self.high) ** 0.5 if self.log else (self.low + self.high) / 2]
+
+
+class HyperParams(_Strict):
+    lr: FloatParam = FloatParam(values=[3e-3])
+
+
+class Training(_Strict):
+    max_steps: PosInt = 1000
+    batch_size: PosInt = 64
+    eval_interval: PosInt = 100
+    eval_sequences: PosInt = 512
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    context_length: Annotated[int, Field(ge=2, le=4096)] = 16
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> Training:
+        if self.eval_interval > self.max_steps:
+            raise ValueError(f"eval_interval must be <= max_steps ({self.eval_interval} > {self.max_steps})")
+        return self
+
+
+class Search(_Strict):
+    method: Literal["grid", "optuna", "frontier"] = "grid"
+    n_trials: PosInt | None = Field(default=None, description="optuna: configurations sampled (each run per kind)")
+    sampler_seed: int = 0
+
+    @model_validator(mode="after")
+    def _optuna_needs_trials(self) -> Search:
+        if self.method == "optuna" and self.n_trials is None:
+            raise ValueError("n_trials is required when method is 'optuna'")
+        return self
+
+
+class EarlyStopping(_Strict):
+    asha: bool = False
+    grace_period: PosInt = 200
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+
+class Resources(_Strict):
+    cpu: Annotated[float, Field(gt=0, le=256)] = 1.0
+    gpu: Annotated[float, Field(ge=0, le=8)] = 0.0
+
+
+class Caps(_Strict):
+    max_trials: PosInt = 500
+    max_cpu_hours: Annotated[float, Field(gt=0)] | None = None
+
+
+class StudySpec(_Strict):
+    """A Ladder study: DPA vs EA (or any kinds) across model sizes and task complexity."""
+
+    spec_version: Literal[1] = 1
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = Field(default="", max_length=2000)
+    attention: list[str] = Field(default_factory=lambda: ["dpa", "ea"], min_length=1)
+    eps: Annotated[float, Field(gt=0, lt=1)] = 1e-6
+    task: TaskAxes
+    model: ModelAxes
+    training: Training = Training()
+    hparams: HyperParams = HyperParams()
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=lambda: [0], min_length=1)
+    search: Search = Search()
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.99
+    resources: Resources = Resources()
+    max_concurrent: PosInt = 2
+    early_stopping: EarlyStopping = EarlyStopping()
+    caps: Caps = Caps()
+
+    @field_validator("attention")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        unknown = [k for k in v if k not in ATTENTION_KINDS]
+        if unknown:
+            raise ValueError(f"unknown attention kind(s) {unknown}; registered kinds: {list(ATTENTION_KINDS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"attention kinds must be distinct, got {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        ctx = self.training.context_length
+        for p in self.task.points():
+            need = p.mix(self.task.identify_margin).score_start + self.task.context_margin
+            if ctx < need:
+                raise ValueError(
+                    f"training.context_length={ctx} is too short for task point {p.name}: it needs >= {need} "
+                    f"(prefix plus context_margin={self.task.context_margin} scored positions)"
+                )
+        n = self.planned_trials()
+        if n > self.caps.max_trials:
+            raise ValueError(
+                f"the study plans {n} trials, more than caps.max_trials={self.caps.max_trials}; "
+                "shrink the axes or raise the cap"
+            )
+        if self.early_stopping.asha and self.early_stopping.grace_period > self.training.max_steps:
+            raise ValueError("early_stopping.grace_period must be <= training.max_steps")
+        return self
+
+    def planned_trials(self) -> int:
+        """Trials the study runs at most (grid and frontier: the full grid; optuna: n_trials per kind)."""
+        per_kind = len(self.seeds) * (
+            self.search.n_trials
+            if self.search.method == "optuna" and self.search.n_trials
+            else len(self.model.all_sizes()) * len(self.task.points()) * len(self.hparams.lr.grid_values())
+        )
+        return per_kind * len(self.attention)
+
+    # --- I/O ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_text(cls, text: str) -> StudySpec:
+        """Parse YAML or JSON text (JSON is YAML)."""
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("a study spec must be a mapping (YAML or JSON object)")
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> StudySpec:
+        return cls.from_text(Path(path).read_text())
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON Schema of the study spec."""
+    schema = StudySpec.model_json_schema()
+    schema["$id"] = f"https://ladder.dev/schema/study/v{SPEC_VERSION}.json"
+    return schema
