@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -24,6 +25,8 @@ from studies.records import TrialRecord
 from studies.report import (
     ALL_STATUSES,
     Cell,
+    Compute,
+    KindCompute,
     Margin,
     Report,
     build_report,
@@ -116,7 +119,6 @@ def frontier_figure(report: Report) -> Figure:
 
 
 def _draw_cell(ax: Axes, x: float, y: float, cell: Cell, on_frontier: bool, norm: Normalize, fontsize: float) -> None:
-    cmap = ScalarMappable(norm=norm, cmap=CMAP)
     if cell.state == "unknown":
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, linewidth=0.5, **UNKNOWN_STYLE))
         ax.text(x, y, "not run", ha="center", va="center", fontsize=fontsize, color="#444444")
@@ -125,7 +127,7 @@ def _draw_cell(ax: Axes, x: float, y: float, cell: Cell, on_frontier: bool, norm
         ax.text(x, y, f"no outcome\n({cell.n_trials} runs)", ha="center", va="center", fontsize=fontsize * 0.9)
     else:
         rate = cell.success_rate or 0.0
-        rgba = cmap.to_rgba(rate)
+        rgba = colormaps[CMAP](norm(rate))
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=rgba, edgecolor="white", linewidth=1))
         dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
         mark = "✓" if cell.state == "solved" else "✗"
@@ -330,7 +332,8 @@ def _margin_rows(report: Report) -> list[list[str]]:
 def _compute_rows(report: Report) -> list[list[str]]:
     c = report.compute
     rows = []
-    for name, kc in [*c.per_kind.items(), ("all records", c)]:
+    named: list[tuple[str, KindCompute | Compute]] = [*c.per_kind.items(), ("all records", c)]
+    for name, kc in named:
         counts = kc.status_counts
         rows.append(
             [
@@ -346,7 +349,8 @@ def _compute_rows(report: Report) -> list[list[str]]:
 
 
 def _cell_rows(report: Report) -> tuple[list[list[str]], list[str]]:
-    rows, classes = [], []
+    rows: list[list[str]] = []
+    classes: list[str] = []
     for c in report.cells:
         ci = "–" if c.ci_low is None else f'<span class="nw">{c.ci_low:.2f}–{c.ci_high:.2f}</span>'
         rows.append(
@@ -376,7 +380,11 @@ def report_html(report: Report, images: dict[str, bytes]) -> str:
     pairs = [f"{m.kind} − {m.reference}" for m in report.margins if m.size == report.sizes[0].name]
     frontier_head = ["size", "params", "d_model / layers / heads", *report.kinds, *pairs]
     margin_head = ["size", "pair", "points compared", "solved only by kind", "solved only by reference"]
-    margin_head += ["margin (highest rung)" if report.is_ladder else "margin (net solved points)", "kind's frontier beyond reference", "reference's frontier beyond kind"]
+    margin_head += [
+        "margin (highest rung)" if report.is_ladder else "margin (net solved points)",
+        "kind's frontier beyond reference",
+        "reference's frontier beyond kind",
+    ]
     compute_head = ["kind", "trials", "CPU s", "GPU s", "wall s", *ALL_STATUSES]
     cell_head = ["kind", "size", "point", "state", "lr", "solved/outcomes", "rate", "95% CI (Wilson)"]
     cell_head += ["best acc", "median steps to solve", "trials", "failed/diverged/oom/preempted/stopped"]

@@ -66,9 +66,19 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
 
 
+def _inject_fault(point: str) -> None:
+    """Fault injection for tests: ``LADDER_FAULTS='{"N13_T2": "raise"}'`` (``raise`` | ``oom``)."""
+    fault = json.loads(os.environ.get("LADDER_FAULTS") or "{}").get(point)
+    if fault == "raise":
+        raise RuntimeError(f"injected fault in trial of {point}")
+    if fault == "oom":
+        raise MemoryError(f"injected out-of-memory in trial of {point}")
+
+
 def train_point(config: dict[str, Any]) -> None:
     """Ray Tune trainable: one trial, checkpointed at every evaluation, resumable exactly."""
     cfg = trial_config(config)
+    _inject_fault(config["cell"]["point"])
     node = ray.get_runtime_context().get_node_id()
     resume = None
     ckpt = tune.get_checkpoint()
@@ -76,15 +86,18 @@ def train_point(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             resume = torch.load(Path(d) / "state.pt", weights_only=False)
 
+    coords = config["cell"]["coords"]
+
     def on_eval(metrics: dict[str, Any], state: Any) -> None:
+        score = frontier_score(coords, metrics["solved"], metrics.get("eval_acc"))
         with tempfile.TemporaryDirectory() as d:
             torch.save(state(), Path(d) / "state.pt")
-            tune.report(_scalars(metrics) | {"node_id": node}, checkpoint=Checkpoint.from_directory(d))
+            result = _scalars(metrics) | {"node_id": node, "score": score}
+            tune.report(result, checkpoint=Checkpoint.from_directory(d))
 
     rec = run_trial(cfg, on_eval, resume)
-    final = _scalars(rec) | {"final": True, "node_id": node}
-    final["score"] = frontier_score(config["cell"]["coords"], rec["solved"], rec.get("eval_acc"))
-    tune.report(final)
+    score = frontier_score(coords, rec["solved"], rec.get("eval_acc"))
+    tune.report(_scalars(rec) | {"final": True, "node_id": node, "score": score})
 
 
 # --- driver side ----------------------------------------------------------------------

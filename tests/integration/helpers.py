@@ -1,0 +1,68 @@
+"""Helpers for integration tests: run the driver in its own process, stop only what we started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def driver_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("LADDER_MLFLOW_TRACKING_URI", "LADDER_OPTUNA_STORAGE", "LADDER_REGISTRY_URL", "LADDER_RAY_ADDRESS"):
+        env.pop(name, None)
+    env.pop("RAY_ADDRESS", None)
+    env |= {"LADDER_DATA_DIR": str(data_dir), "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+    return env | extra
+
+
+def start_driver(study_id: str, env: dict[str, str], log: Path, resume: bool = False) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "workers.driver", study_id] + (["--resume"] if resume else [])
+    return subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen[bytes], known: list[psutil.Process] | None = None) -> None:
+    """SIGKILL the process and every descendant we saw: the local Ray it started, nothing else."""
+    procs = (known or []) + descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait(timeout=30)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=20)
+
+
+def wait_for(cond: Any, timeout: float, what: str, interval: float = 0.5) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trial_lines(study_dir: Path) -> list[dict[str, Any]]:
+    p = study_dir / "trials.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(tracking_uri).search_runs([experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]

@@ -1,0 +1,143 @@
+"""The study driver on real local Ray, real MLflow (SQLite) and a real Optuna RDB study."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+
+from studies.records import read_records
+from studies.settings import get_settings
+from studies.spec import StudySpec
+from tests.integration.helpers import (
+    child_runs,
+    descendants,
+    driver_env,
+    kill_tree,
+    start_driver,
+    trial_lines,
+    wait_for,
+)
+from workers.driver import prepare_study, read_status
+
+pytestmark = pytest.mark.integration
+
+SIZE = {"d_model": 16, "n_layers": 1, "n_heads": 2}
+
+
+def _run_to_end(study_id: str, data_dir: Path, timeout: float = 300, **env: str) -> None:
+    log = data_dir / f"{study_id}.log"
+    proc = start_driver(study_id, driver_env(data_dir, **env), log)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def test_grid_study_tracks_every_trial_and_survives_failures(data_dir: Path) -> None:
+    spec = StudySpec.model_validate(
+        {
+            "name": "faults",
+            "task": {"ladder": [[[7, 2]], [[11, 2]], [[13, 3]]]},
+            "model": {"sizes": [SIZE]},
+            "training": {"max_steps": 200, "eval_interval": 100, "eval_sequences": 128},
+            "hparams": {"lr": {"values": [0.003, 1e5]}},
+        }
+    )
+    study_id = prepare_study(spec, settings=get_settings())
+    _run_to_end(study_id, data_dir, LADDER_FAULTS=json.dumps({"N11_T2": "raise", "N13_T3": "oom"}))
+
+    study_dir = get_settings().study_dir(study_id)
+    status = read_status(study_dir)
+    assert status["state"] == "finished"
+    records = read_records(study_dir / "trials.jsonl")
+    assert len(records) == spec.planned_trials() == 12
+    by = {(r.kind, r.point, r.lr): r.status for r in records}
+    for kind in ("dpa", "ea"):
+        for lr in (0.003, 1e5):
+            assert by[(kind, "N11_T2", lr)] == "failed"
+            assert by[(kind, "N13_T3", lr)] == "oom"
+        assert by[(kind, "N7_T2", 1e5)] == "diverged"
+        assert by[(kind, "N7_T2", 0.003)] in ("solved", "unsolved")
+
+    ml = status["mlflow"]
+    children = child_runs(ml["tracking_uri"], ml["experiment_id"], ml["run_id"])
+    assert Counter(r.data.tags["ladder.trial_id"] for r in children) == Counter(r.trial_id for r in records)
+    tags = {r.data.tags["ladder.trial_id"]: r for r in children}
+    for rec in records:
+        run = tags[rec.trial_id]
+        assert run.data.tags["status"] == rec.status
+        assert run.data.tags["kind"] == rec.kind and run.data.tags["point"] == rec.point
+        assert run.data.tags["generator_version"] == "nt-1"
+        assert run.data.params["seed"] == str(rec.seed)
+        assert "version.torch" in run.data.tags and "git_sha" in run.data.tags
+        if rec.status in ("solved", "unsolved"):
+            assert run.data.metrics["eval_acc"] == pytest.approx(rec.eval_acc)
+            assert run.info.status == "FINISHED"
+        else:
+            assert run.info.status == "FAILED"
+
+
+def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) -> None:
+    spec = StudySpec.model_validate(
+        {
+            "name": "crash",
+            "task": {"ladder": [[[13, 4]], [[23, 4]], [[31, 4]]]},
+            "model": {"sizes": [SIZE, {"d_model": 24, "n_layers": 1, "n_heads": 2}]},
+            "training": {"max_steps": 600, "eval_interval": 50, "eval_sequences": 128},
+            "hparams": {"lr": {"low": 1e-3, "high": 1e-2}},
+            "search": {"method": "optuna", "n_trials": 4},
+        }
+    )
+    settings = get_settings()
+    study_id = prepare_study(spec, settings=settings)
+    study_dir = settings.study_dir(study_id)
+    env = driver_env(data_dir)
+    log = data_dir / "driver.log"
+    proc = start_driver(study_id, env, log)
+    seen: list = []
+    try:
+
+        def some_done_some_running() -> bool:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
+            st = read_status(study_dir)
+            return len(trial_lines(study_dir)) >= 2 and st.get("running", 0) >= 1
+
+        wait_for(some_done_some_running, 240, "two finished trials and one running")
+    finally:
+        kill_tree(proc, seen)  # kill -9 mid-study
+    before = {r["trial_id"] for r in trial_lines(study_dir)}
+    assert 2 <= len(before) < spec.planned_trials()
+
+    proc = start_driver(study_id, env, log, resume=True)
+    try:
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        kill_tree(proc)
+
+    status = read_status(study_dir)
+    assert status["state"] == "finished"
+    records = read_records(study_dir / "trials.jsonl")
+    assert len(records) == spec.planned_trials() == 8
+    assert before <= {r.trial_id for r in records}
+    ml = status["mlflow"]
+    children = child_runs(ml["tracking_uri"], ml["experiment_id"], ml["run_id"])
+    ids = [r.data.tags["ladder.trial_id"] for r in children]
+    assert sorted(ids) == sorted(r.trial_id for r in records), "each trial exactly once in MLflow"
+
+    study = optuna.load_study(study_name=study_id, storage=settings.optuna_url)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["RUNNING"] == 0
+    assert states["COMPLETE"] == 4
+    # every Optuna pick ran once per kind: its params match the trials' configs
+    picks = {(t.params["size_idx"], t.params["point_idx"], round(t.params["lr"], 12)) for t in study.trials}
+    sizes = spec.model.all_sizes()
+    points = [p.name for p in spec.task.points()]
+    for r in records:
+        key = (sizes.index(next(s for s in sizes if s.d_model == r.d_model)), points.index(r.point), round(r.lr, 12))
+        assert key in picks
