@@ -23,6 +23,15 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(default=None, description="a Ray cluster (Ray Jobs) address; unset: local Ray")
     storage_path: str | None = Field(default=None, description="Ray Tune results; default <data_dir>/ray_results")
     mlflow_ui_url: str | None = Field(default=None, description="base URL of the MLflow UI for deep links")
+    ray_dashboard_url: str | None = Field(default=None, description="base URL of the Ray dashboard for job links")
+    api_token: str | None = Field(default=None, description="bearer token for the API; required off loopback")
+    auth_reads: bool = Field(default=False, description="require the token on read endpoints too")
+    host: str = Field(default="127.0.0.1", description="address `ladder serve` listens on")
+    port: int = Field(default=8000, ge=1, le=65535, description="port `ladder serve` listens on")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest accepted request body")
+    max_trials_per_study: int = Field(default=2000, ge=1, description="cap on a study's planned trials")
+    max_concurrent_studies: int = Field(default=4, ge=1, description="cap on studies running at once")
+    cancel_grace_s: float = Field(default=15.0, gt=0, description="seconds a cancelled driver gets before SIGKILL")
 
     @field_validator("data_dir")
     @classmethod

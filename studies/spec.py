@@ -289,10 +289,21 @@ class StudySpec(_Strict):
 
     # --- I/O ---------------------------------------------------------------------------
 
+    @staticmethod
+    def parse_text(text: str) -> Any:
+        """Plain data from YAML or JSON text; anchors and aliases are refused (no expansion bombs)."""
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ValueError("YAML aliases are not allowed in a study spec")
+        return yaml.safe_load(text)
+
     @classmethod
     def from_text(cls, text: str) -> StudySpec:
-        """Parse YAML or JSON text (JSON is YAML)."""
-        data = yaml.safe_load(text)
+        """Parse and validate YAML or JSON text (JSON is YAML)."""
+        try:
+            data = cls.parse_text(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"not valid YAML or JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError("a study spec must be a mapping (YAML or JSON object)")
         return cls.model_validate(data)

@@ -1,0 +1,115 @@
+"""The study registry: SQLAlchemy on SQLite (default) or PostgreSQL, migrated by Alembic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Float, Integer, String, Text, create_engine, func, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ACTIVE = ("pending", "running", "cancelling")
+TERMINAL = ("finished", "failed", "cancelled", "interrupted")
+STATES = ACTIVE + TERMINAL
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    spec_json: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    launcher: Mapped[str] = mapped_column(String(16), default="local")
+    handle: Mapped[str | None] = mapped_column(String(200), nullable=True)  # pid or Ray job submission id
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def _alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+class Registry:
+    """Durable study records; every write is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        connect_args: dict[str, Any] = {"timeout": 30} if url.startswith("sqlite") else {}
+        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        with self.engine.begin() as conn:
+            cfg = _alembic_config(self.url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._session.begin() as s:
+            yield s
+
+    def add(self, study: Study) -> Study:
+        with self.session() as s:
+            s.add(study)
+        return study
+
+    def get(self, study_id: str) -> Study | None:
+        with self.session() as s:
+            return s.get(Study, study_id)
+
+    def by_idempotency_key(self, key: str) -> Study | None:
+        with self.session() as s:
+            return s.scalars(select(Study).where(Study.idempotency_key == key)).first()
+
+    def page(self, limit: int, offset: int, state: str | None = None) -> tuple[list[Study], int]:
+        with self.session() as s:
+            q = select(Study)
+            count = select(func.count()).select_from(Study)
+            if state:
+                q, count = q.where(Study.state == state), count.where(Study.state == state)
+            total = int(s.scalar(count) or 0)
+            rows = s.scalars(q.order_by(Study.created.desc(), Study.id).limit(limit).offset(offset)).all()
+            return list(rows), total
+
+    def active(self) -> list[Study]:
+        with self.session() as s:
+            return list(s.scalars(select(Study).where(Study.state.in_(ACTIVE))).all())
+
+    def update(self, study_id: str, **fields: Any) -> Study | None:
+        with self.session() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return None
+            for k, v in fields.items():
+                setattr(study, k, v)
+            study.updated = time.time()
+            return study
+
+    def delete(self, study_id: str) -> None:
+        with self.session() as s:
+            study = s.get(Study, study_id)
+            if study is not None:
+                s.delete(study)

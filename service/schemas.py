@@ -1,0 +1,68 @@
+"""API schemas: one per job (after the FastAPI full-stack template)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where the problem is, e.g. ['body', 'model', 'sizes', 0]")
+    msg: str = Field(description="the rule that was broken, in words")
+    type: str = Field(description="a machine-readable error code")
+
+
+class ErrorBody(BaseModel):
+    detail: list[ErrorItem]
+
+
+class Progress(BaseModel):
+    planned: int
+    done: int
+    running: int
+    counts: dict[str, int] = {}
+
+
+class Links(BaseModel):
+    self: str
+    trials: str
+    frontier: str
+    report: str
+    mlflow_experiment: str | None = None
+    mlflow_run: str | None = None
+    ray_job: str | None = None
+
+
+class StudyPublic(BaseModel):
+    id: str
+    name: str
+    state: str = Field(description="pending | running | cancelling | finished | failed | cancelled | interrupted")
+    created: float
+    updated: float
+    launcher: str
+    attempts: int
+    error: str | None = None
+    progress: Progress
+    frontier: dict[str, Any] = Field(default={}, description="best solved point so far per kind and model size")
+    mlflow: dict[str, str] = {}
+    links: Links
+
+
+class StudiesPublic(BaseModel):
+    items: list[StudyPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class TrialsPublic(BaseModel):
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}
