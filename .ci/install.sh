@@ -8,8 +8,3 @@ PY=${PYTHON:-python3}
 # torch first, pinned: this version is the local CPU build (see pyproject.toml)
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev]'
-# Headless Chromium renders the HTML report to PNG in the report tests (Debian package).
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
-fi
