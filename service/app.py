@@ -560,7 +560,7 @@ def _routes(app: FastAPI) -> None:
 
 def _ensure_report(study: Study, settings: Settings) -> Path:
     """Write the report unless an up-to-date one exists (newer than the trial records)."""
-    from studies.report import write_report
+    from studies.report_html import write_report
 
     d = settings.study_dir(study.id)
     out = d / "report"

@@ -85,7 +85,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from studies.records import read_records
-    from studies.report import frontier_table, write_report
+    from studies.report import frontier_table
+    from studies.report_html import write_report
     from studies.settings import get_settings
     from studies.spec import StudySpec
 

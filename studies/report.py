@@ -12,7 +12,6 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -547,19 +546,3 @@ def frontier_table(report: Report) -> str:
     what = "highest solved rung" if report.is_ladder else "solved points and frontier"
     title = f"{report.study}: {what} (solved = success rate >= {report.min_success_rate:g} over seeds)"
     return "\n".join([title, *lines]) + "\n"
-
-
-def write_report(
-    spec: StudySpec,
-    records: list[TrialRecord],
-    out_dir: str | Path,
-    provenance: dict[str, Any] | None = None,
-) -> Report:
-    """Build the report and write report.json, report.html and its plots under ``out_dir``.
-
-    See ``studies.report_html.write_report``; imported lazily so that the analysis needs
-    no plotting library.
-    """
-    from studies.report_html import write_report as _write
-
-    return _write(spec, records, out_dir, provenance)

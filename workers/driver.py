@@ -552,7 +552,7 @@ def run_study(study_id: str, resume: bool = False, progress: bool = False, setti
 def _write_outputs(study_id: str, spec: StudySpec, settings: Settings, mlinfo: dict[str, str]) -> None:
     """The report from the trial records, logged to the parent run."""
     try:
-        from studies.report import write_report
+        from studies.report_html import write_report
 
         out = settings.study_dir(study_id) / "report"
         records = read_records(settings.study_dir(study_id) / "trials.jsonl")
