@@ -17,6 +17,8 @@ def _load_spec(path: str) -> object:
         return StudySpec.from_file(path)
     except FileNotFoundError:
         sys.exit(f"error: no such spec file: {path}")
+    except OSError as e:  # a directory, no permission
+        sys.exit(f"error: cannot read spec file {path}: {e.strerror or e}")
     except ValidationError as e:
         lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(spec)'}: {err['msg']}" for err in e.errors()]
         sys.exit(f"error: invalid study spec {path}:\n" + "\n".join(lines))
@@ -52,9 +54,9 @@ def _print_frontier(study_id: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec)  # before importing Ray and torch: a typo fails at once
     from workers.driver import prepare_study, run_study
 
-    spec = _load_spec(args.spec)
     study_id = prepare_study(spec)  # type: ignore[arg-type]
     _print_where(study_id)
     state = run_study(study_id, progress=True)

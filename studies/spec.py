@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.attention import ATTENTION_KINDS
 from workers.tasks import TASK_FAMILIES, TaskMix
@@ -22,6 +23,12 @@ SPEC_VERSION = 1
 
 PosInt = Annotated[int, Field(ge=1)]
 Member = tuple[Annotated[int, Field(ge=2, description="N, the modulus (>= 2)")], PosInt]
+
+
+def _field_error(loc: tuple[str, ...], value: Any, msg: str) -> ValidationError:
+    """A cross-field error reported at the field it is about (pydantic keeps this loc)."""
+    detail = InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=loc, input=value)
+    return ValidationError.from_exception_data("StudySpec", [detail])
 
 
 class _Strict(BaseModel):
@@ -67,7 +74,9 @@ class ModelAxes(_Strict):
             vals = getattr(self, name)
             if vals is not None and not vals:
                 raise ValueError(f"{name} axis must not be empty")
-        self.all_sizes()  # every combination must be valid
+        names = [s.name for s in self.all_sizes()]  # every combination must be valid
+        if len(set(names)) != len(names):
+            raise ValueError(f"model sizes must be distinct, got {names}")
         return self
 
     def all_sizes(self) -> list[ModelSize]:
@@ -110,9 +119,10 @@ class TaskAxes(_Strict):
         for t in self.grid.T if self.grid else []:
             if isinstance(t, list) and (not t or len(set(t)) != len(t)):
                 raise ValueError(f"grid.T set {t} must be non-empty with distinct values")
-        names = [p.name for p in self.points()]
-        if len(set(names)) != len(names):
-            raise ValueError(f"task points must be distinct, got {names}")
+        points = self.points()
+        keys = [frozenset(p.members) for p in points]  # a mixture is a set: member order does not matter
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"task points must be distinct, got {[p.name for p in points]}")
         return self
 
     def points(self) -> list[Point]:
@@ -156,10 +166,13 @@ class FloatParam(_Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> FloatParam:
-        if (self.values is None) == (self.low is None or self.high is None):
+        has_range = self.low is not None or self.high is not None
+        if (self.values is not None and has_range) or (self.values is None and (self.low is None or self.high is None)):
             raise ValueError("give either values or both low and high")
         if self.values is not None and not self.values:
             raise ValueError("values must not be empty")
+        if self.values is not None and len(set(self.values)) != len(self.values):
+            raise ValueError(f"values must be distinct, got {self.values}")
         if self.low is not None and self.high is not None and self.low >= self.high:
             raise ValueError(f"low must be < high (low={self.low}, high={self.high})")
         return self
@@ -264,18 +277,26 @@ class StudySpec(_Strict):
         for p in self.task.points():
             need = p.mix(self.task.identify_margin).score_start + self.task.context_margin
             if ctx < need:
-                raise ValueError(
+                raise _field_error(
+                    ("training", "context_length"),
+                    ctx,
                     f"training.context_length={ctx} is too short for task point {p.name}: it needs >= {need} "
-                    f"(prefix plus context_margin={self.task.context_margin} scored positions)"
+                    f"(prefix plus context_margin={self.task.context_margin} scored positions)",
                 )
         n = self.planned_trials()
         if n > self.caps.max_trials:
-            raise ValueError(
+            raise _field_error(
+                ("caps", "max_trials"),
+                self.caps.max_trials,
                 f"the study plans {n} trials, more than caps.max_trials={self.caps.max_trials}; "
-                "shrink the axes or raise the cap"
+                "shrink the axes or raise the cap",
             )
         if self.early_stopping.asha and self.early_stopping.grace_period > self.training.max_steps:
-            raise ValueError("early_stopping.grace_period must be <= training.max_steps")
+            raise _field_error(
+                ("early_stopping", "grace_period"),
+                self.early_stopping.grace_period,
+                "early_stopping.grace_period must be <= training.max_steps",
+            )
         return self
 
     def planned_trials(self) -> int:
@@ -292,6 +313,10 @@ class StudySpec(_Strict):
     @staticmethod
     def parse_text(text: str) -> Any:
         """Plain data from YAML or JSON text; anchors and aliases are refused (no expansion bombs)."""
+        try:
+            return json.loads(text)  # JSON first: not all JSON is YAML (tab indentation)
+        except ValueError:
+            pass
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 raise ValueError("YAML aliases are not allowed in a study spec")
