@@ -7,6 +7,7 @@ streams never share a sequence. Task families live in ``TASK_FAMILIES``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-GENERATOR_VERSION = "nt-1"
+GENERATOR_VERSION = "nt-2"  # nt-2: the split hashes the tokens, so mixture members never share a sequence
 EVAL_FRACTION_DENOM = 8  # one prefix in 8 (by hash) is held out for evaluation
 _ENUMERATE_LIMIT = 1 << 16  # prefix spaces up to this size are enumerated exactly
 _M32 = 0xFFFFFFFF
@@ -107,39 +108,45 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _prefix_hash(prefix: Tensor, member: int) -> Tensor:
-    """A fixed hash of each prefix row (B, P) and its member index -> (B,) int64."""
-    h = _mix32(torch.full((prefix.shape[0],), member + 1, dtype=torch.int64))
-    for j in range(prefix.shape[1]):
-        h = _mix32((h * 31 + prefix[:, j] + 1) & _M32)
+def _key_hash(key: Tensor) -> Tensor:
+    """A fixed hash of each row of leading tokens (B, K) -> (B,) int64."""
+    h = torch.full((key.shape[0],), 0x2545F491, dtype=torch.int64)
+    for j in range(key.shape[1]):
+        h = _mix32((h * 31 + key[:, j] + 1) & _M32)
     return h
 
 
-def is_eval_prefix(prefix: Tensor, member: int) -> Tensor:
-    """Whether each prefix row belongs to the held-out evaluation part."""
-    return _prefix_hash(prefix, member) % EVAL_FRACTION_DENOM == 0
+def is_eval_prefix(key: Tensor) -> Tensor:
+    """Whether each row of leading tokens (B, K) belongs to the held-out evaluation part.
+
+    The key is the first K tokens of the sequence, K the longest prefix of the point's
+    members: a token sequence that two members both generate lands on one side only.
+    """
+    return _key_hash(key) % EVAL_FRACTION_DENOM == 0
 
 
-def _enumerated_split(task: NTTask, member: int) -> dict[str, Tensor]:
+@functools.lru_cache(maxsize=64)
+def _enumerated_split(task: NTTask, key_len: int) -> dict[str, Tensor]:
     """All prefixes of a small task, split into train and eval (eval never empty)."""
     allp = torch.tensor(list(itertools.product(range(task.n), repeat=task.prefix_len)), dtype=torch.int64)
-    ev = is_eval_prefix(allp, member)
+    keys = unroll(allp, task.n, task.t, key_len)
+    ev = is_eval_prefix(keys)
     if not ev.any() or ev.all():  # tiny spaces: hold out the prefix with the smallest hash
         ev = torch.zeros_like(ev)
-        ev[int(torch.argmin(_prefix_hash(allp, member)))] = True
+        ev[int(torch.argmin(_key_hash(keys)))] = True
     return {"train": allp[~ev], "eval": allp[ev]}
 
 
-def _sample_prefixes(task: NTTask, member: int, count: int, split: str, g: torch.Generator) -> Tensor:
+def _sample_prefixes(task: NTTask, key_len: int, count: int, split: str, g: torch.Generator) -> Tensor:
     """``count`` uniform prefixes (count, T+1) from the ``split`` part of the prefix space."""
     if task.n**task.prefix_len <= _ENUMERATE_LIMIT:
-        pool = _enumerated_split(task, member)[split]
+        pool = _enumerated_split(task, key_len)[split]
         return pool[torch.randint(len(pool), (count,), generator=g)]
     out = torch.randint(task.n, (count, task.prefix_len), generator=g)
-    bad = is_eval_prefix(out, member) != (split == "eval")
+    bad = is_eval_prefix(unroll(out, task.n, task.t, key_len)) != (split == "eval")
     while bad.any():  # rejection sampling keeps prefixes uniform within the part
         out[bad] = torch.randint(task.n, (int(bad.sum()), task.prefix_len), generator=g)
-        bad = is_eval_prefix(out, member) != (split == "eval")
+        bad = is_eval_prefix(unroll(out, task.n, task.t, key_len)) != (split == "eval")
     return out
 
 
@@ -188,7 +195,8 @@ class NTStream:
             rows = (member == i).nonzero().squeeze(1)
             if len(rows) == 0:
                 continue
-            prefix = _sample_prefixes(task, i, len(rows), self.split, self.g)
+            key_len = max(m.prefix_len for m in self.mix.members)
+            prefix = _sample_prefixes(task, key_len, len(rows), self.split, self.g)
             seq[rows] = unroll(prefix, task.n, task.t, self.length)
             start[rows] = task.t if len(self.mix.members) == 1 else self.mix.score_start
         positions = torch.arange(self.length - 1)

@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     wait_for,
 )
 from workers.driver import prepare_study, read_status
+from workers.tasks import GENERATOR_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,7 @@ def test_grid_study_tracks_every_trial_and_survives_failures(data_dir: Path) -> 
         run = tags[rec.trial_id]
         assert run.data.tags["status"] == rec.status
         assert run.data.tags["kind"] == rec.kind and run.data.tags["point"] == rec.point
-        assert run.data.tags["generator_version"] == "nt-1"
+        assert run.data.tags["generator_version"] == GENERATOR_VERSION
         assert run.data.params["seed"] == str(rec.seed)
         assert "version.torch" in run.data.tags and "git_sha" in run.data.tags
         if rec.status in ("solved", "unsolved"):
