@@ -464,7 +464,12 @@ def _init_ray(settings: Settings) -> None:
     if ray.is_initialized():
         return
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}}
+    env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    # Inside a Ray Job the job's runtime env already reaches every worker, and ray.init refuses
+    # a runtime env that repeats one of its env vars ("Failed to merge the Job's runtime env").
+    job_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
+    env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_vars}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:  # "local": never attach to a stale cluster file
