@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from service.launcher import Launcher, make_launcher
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PLOTS = ("frontier.png", "frontier.svg", "solved_map.png", "accuracy.png")
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 422, 429)}
+LAUNCH_ERRORS = ERRORS | {503: {"model": ErrorBody, "description": "the driver could not be launched"}}
 EXAMPLE_SPEC = {
     "name": "quick",
     "attention": ["dpa", "ea"],
@@ -136,7 +138,8 @@ def sync(study: Study, registry: Registry, launcher: Launcher, settings: Setting
 
 def get_study(study_id: str, registry: RegistryDep, launcher: LauncherDep, settings: SettingsDep) -> Study:
     """The one place a study lookup can 404."""
-    study = registry.get(study_id)
+    # An id that cannot exist never reaches the database (PostgreSQL refuses NUL in text).
+    study = registry.get(study_id) if len(study_id) <= 64 and "\x00" not in study_id else None
     if study is None:
         raise api_error(404, ["path", "study_id"], f"no study with id {study_id!r}", "not_found")
     return sync(study, registry, launcher, settings)
@@ -239,8 +242,8 @@ def create_app(settings: Settings | None = None, launcher: Launcher | None = Non
         items = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return JSONResponse({"detail": items}, status_code=422)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's 404/405
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail: Any = exc.detail
         if not isinstance(detail, list):
             detail = [{"loc": [], "msg": str(detail), "type": "http_error"}]
@@ -261,8 +264,8 @@ def _parse_spec(body: bytes, content_type: str) -> StudySpec:
         raise api_error(400, ["body"], "the body must be UTF-8 text", "decode_error") from None
     try:
         data = json.loads(text) if ctype == "application/json" else StudySpec.parse_text(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise api_error(400, ["body"], f"cannot parse the spec: {e}", "parse_error") from None
+    except (ValueError, yaml.YAMLError, RecursionError) as e:
+        raise api_error(400, ["body"], f"cannot parse the spec: {str(e)[:500]}", "parse_error") from None
     if not isinstance(data, dict):
         raise api_error(422, ["body"], "a study spec must be an object (mapping)", "type_error")
     try:
@@ -311,7 +314,7 @@ def _routes(app: FastAPI) -> None:
         "/studies",
         status_code=201,
         response_model=StudyPublic,
-        responses=_with(ERRORS, {200: {"model": StudyPublic, "description": "an existing study with this key"}}),
+        responses=_with(LAUNCH_ERRORS, {200: {"model": StudyPublic, "description": "an existing study with this key"}}),
         tags=["studies"],
         openapi_extra={
             "requestBody": {
@@ -450,18 +453,26 @@ def _routes(app: FastAPI) -> None:
 
         def stop(study_id: str, handle: str | None) -> None:
             launcher.cancel(study_id, handle)
-            registry.update(study_id, state="cancelled")
-            status = read_status(settings, study_id)
-            if status.get("state") not in ("cancelled", "finished", "failed"):
-                from workers.driver import update_status
+            with app.state.lock:  # a resume (or delete) may have overtaken this stop: never clobber it
+                current = registry.get(study_id)
+                if current is None or current.handle != handle or current.state not in ("cancelling", "cancelled"):
+                    return
+                registry.update(study_id, state="cancelled")
+                status = read_status(settings, study_id)
+                if status.get("state") not in ("cancelled", "finished", "failed"):
+                    from workers.driver import update_status
 
-                update_status(settings.study_dir(study_id), state="cancelled", running=0)
+                    update_status(settings.study_dir(study_id), state="cancelled", running=0)
 
         threading.Thread(target=stop, args=(study.id, study.handle), daemon=True).start()
         return public(study, request, settings)
 
     @app.post(
-        "/studies/{study_id}/resume", status_code=202, response_model=StudyPublic, responses=ERRORS, tags=["studies"]
+        "/studies/{study_id}/resume",
+        status_code=202,
+        response_model=StudyPublic,
+        responses=LAUNCH_ERRORS,
+        tags=["studies"],
     )
     def resume_study(
         request: Request,
@@ -472,16 +483,35 @@ def _routes(app: FastAPI) -> None:
         settings: SettingsDep,
     ) -> StudyPublic:
         """Resume an interrupted, failed or cancelled study exactly where it stopped."""
-        if study.state not in ("interrupted", "failed", "cancelled"):
-            raise api_error(
-                409,
-                ["path", "study_id"],
-                f"study is {study.state}; only interrupted, failed or cancelled studies can be resumed",
-                "conflict",
-            )
-        attempt = study.attempts + 1
-        handle = launcher.launch(study.id, resume=True, attempt=attempt)
-        study = registry.update(study.id, state="pending", handle=handle, attempts=attempt, error=None) or study
+        with app.state.lock:  # one resume wins; the others see it pending
+            study = registry.get(study.id) or study
+            if study.state not in ("interrupted", "failed", "cancelled"):
+                raise api_error(
+                    409,
+                    ["path", "study_id"],
+                    f"study is {study.state}; only interrupted, failed or cancelled studies can be resumed",
+                    "conflict",
+                )
+            active = [s for s in registry.active() if sync(s, registry, launcher, settings).state in ACTIVE]
+            if len(active) >= settings.max_concurrent_studies:
+                raise api_error(
+                    429,
+                    [],
+                    f"{len(active)} studies are running, the limit is {settings.max_concurrent_studies} "
+                    "(LADDER_MAX_CONCURRENT_STUDIES); retry when one finishes",
+                    "limit",
+                )
+            attempt = study.attempts + 1
+            from workers.driver import update_status
+
+            # The last attempt's terminal state must not be read back as this attempt's (see sync).
+            update_status(settings.study_dir(study.id), state="pending", error=None, running=0)
+            try:
+                handle = launcher.launch(study.id, resume=True, attempt=attempt)
+            except Exception as e:
+                log.exception("resume of %s failed", study.id)
+                raise api_error(503, [], f"could not launch the study driver: {e}", "launch_failed") from None
+            study = registry.update(study.id, state="pending", handle=handle, attempts=attempt, error=None) or study
         return public(study, request, settings)
 
     @app.delete("/studies/{study_id}", status_code=204, responses=ERRORS, tags=["studies"])
@@ -539,7 +569,11 @@ def _routes(app: FastAPI) -> None:
         report = build_report(spec, records, {"study_id": study.id, "state": study.state})
         return Response(report_json(report), media_type="application/json")
 
-    @app.get("/studies/{study_id}/report", response_class=HTMLResponse, responses=ERRORS, tags=["results"])
+    @app.get(
+        "/studies/{study_id}/report",
+        responses=_with(ERRORS, {200: {"content": {"text/html": {"schema": {"type": "string"}}}}}),
+        tags=["results"],
+    )
     def report_html(_: Reader, study: StudyDep, settings: SettingsDep) -> HTMLResponse:
         """The HTML report (self-contained: plots embedded)."""
         out = _ensure_report(study, settings)

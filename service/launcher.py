@@ -101,6 +101,10 @@ class LocalLauncher:
         p.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs([p], timeout=self.settings.cancel_grace_s)
         tree += [c for c in p.children(recursive=True)] if alive else []
+        # The driver leads its own process group (start_new_session): killing the group also
+        # reaches what it spawned after the snapshot above (a local Ray still starting up).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
         for q in tree:  # the driver, its local Ray and the trials: only what this study started
             with contextlib.suppress(psutil.NoSuchProcess):
                 q.kill()

@@ -20,6 +20,8 @@ from workers.attention import ATTENTION_KINDS
 from workers.tasks import TASK_FAMILIES, TaskMix
 
 SPEC_VERSION = 1
+# libyaml when present: fast, and it caps nesting depth (the pure-Python parser is slow and recursive)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 PosInt = Annotated[int, Field(ge=1)]
 Member = tuple[Annotated[int, Field(ge=2, description="N, the modulus (>= 2)")], PosInt]
@@ -32,7 +34,7 @@ def _field_error(loc: tuple[str, ...], value: Any, msg: str) -> ValidationError:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSize(_Strict):
@@ -315,12 +317,12 @@ class StudySpec(_Strict):
         """Plain data from YAML or JSON text; anchors and aliases are refused (no expansion bombs)."""
         try:
             return json.loads(text)  # JSON first: not all JSON is YAML (tab indentation)
-        except ValueError:
+        except (ValueError, RecursionError):  # too deep for json: libyaml refuses it with a YAMLError
             pass
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
             if isinstance(event, yaml.AliasEvent):
                 raise ValueError("YAML aliases are not allowed in a study spec")
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_YAML_LOADER)  # a safe loader (C or Python)
 
     @classmethod
     def from_text(cls, text: str) -> StudySpec:

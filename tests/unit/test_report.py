@@ -22,8 +22,8 @@ from studies.report import (
     pareto_maximal,
     report_json,
     wilson_interval,
-    write_report,
 )
+from studies.report_html import write_report
 from studies.spec import ModelSize, Point, StudySpec
 from workers.model import ModelConfig, count_parameters
 
