@@ -3,17 +3,17 @@
 Each kind is one function from masked scores to weights; adding a kind is one entry in
 ``_KINDS``. All kinds share the same score matmul, so they cost the same.
 
-Performance notes (see docs/benchmarks.md). On scores (B, H, T, T) every elementwise op is a
-full memory pass, and at the sizes Ladder trains the passes cost as much as the matmuls:
+Speed (docs/benchmarks.md). On scores (B, H, T, T) each elementwise op is a full memory pass,
+and at Ladder's sizes on a CPU these passes cost about as much as the matmuls. So:
 
-* masking uses ``torch.where`` (one pass forward, one backward) instead of an out-of-place
-  ``masked_fill`` (a copy plus a fill each way), for every kind;
-* ``ea`` and ``ea_norm`` are autograd Functions whose backward replays, bit for bit, the
-  arithmetic autograd derives for the plain expressions (``softmax(where(mask, s**2, -inf))``
-  and ``sq / (eps + sum sq)`` with ``sq = where(mask, s**2, 0)``), but with in-place ops and
-  fused multiplies, so EA costs two passes over DPA (the square, and the chain rule through
-  it) rather than four. Weights and gradients are identical to the plain expressions;
-  double backward and ``torch.func`` transforms still work.
+* masking is ``torch.where`` (one pass forward, one backward), not an out-of-place
+  ``masked_fill`` (a copy plus a fill, each way), for every kind;
+* ``ea`` and ``ea_norm`` run as autograd Functions that compute, bit for bit, what autograd
+  computes for their plain expressions (``_ea_plain``, ``_ea_norm_plain``), forward and
+  backward, in fewer passes and fewer fresh buffers: EA costs two passes over DPA (the square,
+  and the chain rule through it) instead of four. Double backward and ``torch.func`` work
+  (they take out-of-place branches); under autocast, or with a mask that broadcasts the scores
+  to a bigger shape, the plain expressions run.
 """
 
 from __future__ import annotations
@@ -32,30 +32,67 @@ WeightsFn = Callable[[Tensor, Tensor, float], Tensor]
 _NEG_INF = float("-inf")
 
 
-def _inplace_ok(*tensors: Tensor) -> bool:
-    """Whether a backward may overwrite its intermediates (not when building a double-backward graph)."""
+def _dpa(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """Standard softmax of the scaled dot products."""
+    return torch.softmax(torch.where(mask, scores, _NEG_INF), dim=-1)
+
+
+def _ea_plain(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """EA as a plain expression: what ``_ea`` computes, weights and gradients alike."""
+    return torch.softmax(torch.where(mask, scores.square(), _NEG_INF), dim=-1)
+
+
+def _ea_norm_plain(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """EA-norm as a plain expression: what ``_ea_norm`` computes, weights and gradients alike."""
+    sq = torch.where(mask, scores.square(), 0.0)
+    return sq / (eps + sq.sum(dim=-1, keepdim=True))
+
+
+def _may_overwrite(*tensors: Tensor) -> bool:
+    """Whether a Function may write results into its own scratch buffers (``out=``, in-place).
+
+    Not while autograd records a graph through them (double backward), and not under
+    ``torch.func`` transforms, which have no ``out=`` support.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _square_backward(grad_sq: Tensor, scores: Tensor) -> Tensor:
-    """``grad_sq * (2 * scores)`` (autograd's derivative of ``scores**2``) in one pass.
+def _fits(mask: Tensor, x: Tensor) -> bool:
+    """Whether ``mask`` broadcasts to ``x``'s shape (so that ``where(mask, x, v)`` has ``x``'s shape)."""
+    if mask.dim() > x.dim():
+        return False
+    return all(m in (1, n) for m, n in zip(reversed(mask.shape), reversed(x.shape), strict=False))
+
+
+def _where(mask: Tensor, x: Tensor, value: float, into_x: bool) -> Tensor:
+    """``torch.where(mask, x, value)``, written into ``x`` (a scratch buffer) when ``into_x``."""
+    if into_x and _fits(mask, x):
+        return torch.where(mask, x, x.new_full((), value), out=x)
+    return torch.where(mask, x, value)
+
+
+def _square_backward(grad_sq: Tensor, scores: Tensor, into_grad: bool) -> Tensor:
+    """``grad_sq * (2 * scores)``, autograd's derivative through ``scores**2``, in one pass.
 
     ``addcmul`` computes ``-0.0 + (2 * grad_sq) * scores``: doubling is exact, so the product is
-    rounded once, as in ``grad_sq * (2 * scores)``, and adding ``-0.0`` leaves every value,
-    signed zeros included, unchanged.
+    rounded once, as in ``grad_sq * (2 * scores)``, and adding ``-0.0`` changes no value, not even
+    the sign of a zero. With ``into_grad`` the result overwrites ``grad_sq`` (a scratch buffer).
     """
+    if into_grad and grad_sq.shape == scores.shape and grad_sq.dtype == scores.dtype:
+        return torch.addcmul(scores.new_full((), -0.0), grad_sq, scores, value=2.0, out=grad_sq)
     return torch.addcmul(scores.new_full((), -0.0), grad_sq, scores, value=2.0)
 
 
 class _SquaredSoftmax(torch.autograd.Function):
-    """``softmax(where(mask, scores**2, -inf), -1)`` with a cheaper, bit-identical backward."""
+    """``_ea_plain``; backward in 3 passes instead of 5 (no ``pow(s, 1)`` copy, one fused multiply)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(scores: Tensor, mask: Tensor) -> Tensor:
-        sq = scores.square()
-        sq.masked_fill_(~mask, _NEG_INF)  # sq is our own buffer: fill it in place
+        sq = _where(mask, scores.square(), _NEG_INF, _may_overwrite())
         return torch.softmax(sq, dim=-1)
 
     @staticmethod
@@ -66,25 +103,21 @@ class _SquaredSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         scores, mask, weights = ctx.saved_tensors
+        scratch = _may_overwrite(grad, scores, weights)
         grad_sq = torch._softmax_backward_data(grad, weights, -1, weights.dtype)
-        if _inplace_ok(grad, scores, weights):
-            grad_sq.masked_fill_(~mask, 0.0)
-        else:
-            grad_sq = torch.where(mask, grad_sq, 0.0)
-        return _square_backward(grad_sq, scores), None
+        return _square_backward(_where(mask, grad_sq, 0.0, scratch), scores, scratch), None
 
 
 class _SquaredNormalised(torch.autograd.Function):
-    """``sq / (eps + sq.sum(-1))`` with ``sq = where(mask, scores**2, 0)``; cheaper, bit-identical backward."""
+    """``_ea_norm_plain``; backward in 7 passes instead of 11."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(scores: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        sq = scores.square()
-        sq.masked_fill_(~mask, 0.0)
+        sq = _where(mask, scores.square(), 0.0, _may_overwrite())
         z = eps + sq.sum(dim=-1, keepdim=True)
-        return sq.div_(z), z  # the weights, and their normaliser (kept for backward)
+        return sq.div_(z), z  # the weights, and their normaliser for backward
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: tuple[Tensor, Tensor]) -> None:
@@ -96,37 +129,36 @@ class _SquaredNormalised(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _grad_z: Tensor | None) -> tuple[Tensor, None, None]:
-        # Autograd's backward of w = sq / z, z = eps + sum(sq), sq = where(mask, s**2, 0):
-        #   grad_sq = grad / z + sum(-grad * ((sq / z) / z), -1)   (sq / z is w, bit for bit)
-        #   grad_s  = where(mask, grad_sq, 0) * (2 * s)
-        # -grad * (w / z) == grad * (w / -z) exactly (IEEE negation is exact), so no pass negates grad.
+        # Autograd's backward of w = sq / z, z = eps + sum(sq), sq = where(mask, s**2, 0) is
+        #   grad_sq = grad / z + sum(-grad * ((sq / z) / z), -1)   and   grad_s = where(mask, grad_sq, 0) * (2 * s).
+        # sq / z is w bit for bit, and -grad * (w / z) equals grad * (w / -z) exactly (negation is exact),
+        # so no pass recomputes sq / z or negates grad.
         scores, mask, weights, z = ctx.saved_tensors
-        if _inplace_ok(grad, scores):
+        if _may_overwrite(grad, scores):
             t = weights / z.neg()
             grad_z = t.mul_(grad).sum(dim=-1, keepdim=True)
-            grad_sq = (grad / z).add_(grad_z)
-            grad_sq.masked_fill_(~mask, 0.0)
-        else:  # building a double-backward graph: recompute z and w differentiably, same arithmetic
-            sq = torch.where(mask, scores.square(), 0.0)
-            z = ctx.eps + sq.sum(dim=-1, keepdim=True)
-            w = sq / z
-            grad_z = (grad * (w / z.neg())).sum(dim=-1, keepdim=True)
-            grad_sq = torch.where(mask, grad / z + grad_z, 0.0)
-        return _square_backward(grad_sq, scores), None, None
-
-
-def _dpa(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
-    """Standard softmax of the scaled dot products."""
-    return torch.softmax(torch.where(mask, scores, _NEG_INF), dim=-1)
+            grad_sq = torch.div(grad, z, out=t).add_(grad_z)  # t is spent: reuse its buffer
+            return _square_backward(_where(mask, grad_sq, 0.0, True), scores, True), None, None
+        # Building a double-backward graph or under torch.func: recompute w and z differentiably (same arithmetic).
+        sq = torch.where(mask, scores.square(), 0.0)
+        z = ctx.eps + sq.sum(dim=-1, keepdim=True)
+        grad_z = (grad * ((sq / z) / z.neg())).sum(dim=-1, keepdim=True)
+        return _square_backward(torch.where(mask, grad / z + grad_z, 0.0), scores, False), None, None
 
 
 def _ea(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
     """Expressive attention: softmax of the squared scaled dot products."""
+    # Autocast may change dtypes between ops, and a mask that broadcasts the scores up makes autograd
+    # reduce gradients in its own order: in those cases the plain expression is the definition.
+    if torch.is_autocast_enabled(scores.device.type) or not _fits(mask, scores):
+        return _ea_plain(scores, mask, eps)
     return _SquaredSoftmax.apply(scores, mask)
 
 
 def _ea_norm(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
     """Squared scaled dot products normalised over the causal context, no softmax."""
+    if torch.is_autocast_enabled(scores.device.type) or not _fits(mask, scores):
+        return _ea_norm_plain(scores, mask, eps)
     weights, _ = _SquaredNormalised.apply(scores, mask, eps)
     return weights
 

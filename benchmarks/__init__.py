@@ -1,0 +1,1 @@
+"""Benchmarks (not part of the installed package); run them with ``python -m benchmarks.<name>``."""
