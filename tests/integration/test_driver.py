@@ -142,3 +142,23 @@ def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) 
     for r in records:
         key = (sizes.index(next(s for s in sizes if s.d_model == r.d_model)), points.index(r.point), round(r.lr, 12))
         assert key in picks
+
+
+def test_asha_cuts_hopeless_trials_and_records_them_as_stopped(data_dir: Path) -> None:
+    spec = StudySpec.model_validate(
+        {
+            "name": "asha",
+            "task": {"ladder": [[[7, 2]], [[53, 6]], [[59, 6]], [[61, 6]]]},
+            "model": {"sizes": [SIZE]},
+            "training": {"max_steps": 600, "eval_interval": 50, "eval_sequences": 128},
+            "early_stopping": {"asha": True, "grace_period": 100, "reduction_factor": 2},
+        }
+    )
+    study_id = prepare_study(spec, settings=get_settings())
+    _run_to_end(study_id, data_dir)
+    records = read_records(get_settings().study_dir(study_id) / "trials.jsonl")
+    assert len(records) == spec.planned_trials() == 8
+    stopped = [r for r in records if r.status == "stopped"]
+    assert stopped, [(r.point, r.status, r.steps) for r in records]
+    assert all(100 <= r.steps < 600 for r in stopped)
+    assert not [r for r in records if r.status in ("failed", "diverged", "oom", "preempted")]
