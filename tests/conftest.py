@@ -25,3 +25,11 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
     yield d
     get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Trials run one thread per CPU (as Ray gives them); two threads on a shared 2-core box crawl."""
+    import torch
+
+    torch.set_num_threads(1)

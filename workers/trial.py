@@ -162,6 +162,7 @@ def run_trial(
             step, last = resume["step"], resume["last"]
 
         def state() -> dict[str, Any]:
+            """The resumable state; it references live tensors, so save it before training goes on."""
             return {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -172,7 +173,9 @@ def run_trial(
             }
 
         status, loss_sum, loss_n = "unsolved", 0.0, 0
-        while step < cfg.max_steps:
+        if last.get("solved"):  # resumed from the evaluation that solved it: nothing left to train
+            status, record["steps_to_solve"] = "solved", last["step"]
+        while status == "unsolved" and step < cfg.max_steps:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             b = train.batch(cfg.batch_size)

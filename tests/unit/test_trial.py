@@ -16,6 +16,16 @@ from workers.trial import STATUSES, TrialConfig, is_solved, lr_at, run_trial
 
 TIME_FIELDS = ("wall_s", "cpu_s", "gpu_s")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP threads competing with other processes run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # An easy point both kinds solve in ~200 steps, and the budget every learning test gets.
 EASY = TrialConfig(
     task=[[7, 2]],
@@ -194,6 +204,14 @@ def test_resume_from_a_saved_state_equals_an_uninterrupted_run(resume_at):
     assert [_untimed(m) for m in after.metrics] == tail
     saved = full.state(resume_at)["elapsed"]  # elapsed time carries on from the saved state
     assert b["wall_s"] > saved["wall_s"] and b["cpu_s"] > saved["cpu_s"]
+
+
+def test_resume_from_the_solving_evaluation_stays_solved_at_the_same_step():
+    rec = Recorder(save_at=(100, 200, 300))
+    a = run_trial(EASY, on_eval=rec)
+    assert a["status"] == "solved"
+    b = run_trial(EASY, resume=rec.state(a["steps_to_solve"]))
+    assert (b["status"], b["steps"], b["steps_to_solve"]) == ("solved", a["steps"], a["steps_to_solve"])
 
 
 # --- multi-task -----------------------------------------------------------------------------------------------------
