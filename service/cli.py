@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from studies.records import OUTCOMES
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
 
 
@@ -85,7 +87,7 @@ def wait_and_report(client: Client, study_id: str) -> dict[str, Any]:
             time.sleep(1.0)
             s = client.call("GET", f"/studies/{study_id}").json()
             p = s["progress"]
-            bad = sum(v for k, v in p["counts"].items() if k not in ("solved", "unsolved", "stopped"))
+            bad = sum(v for k, v in p["counts"].items() if k not in OUTCOMES)
             postfix = f"{s['state']} running={p['running']} failed={bad}"
             if (p["done"], postfix) != (bar.n, bar.postfix):
                 bar.n = p["done"]

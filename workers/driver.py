@@ -32,7 +32,7 @@ from ray.tune import Callback, Checkpoint, Stopper
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
-from studies.records import TrialRecord, append_record, read_records
+from studies.records import OUTCOMES, TrialRecord, append_record, read_records
 from studies.settings import Settings, get_settings
 from studies.spec import StudySpec
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, make_cell
@@ -40,7 +40,6 @@ from workers.trial import TrialConfig, run_trial
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("finished", "failed", "cancelled")
 _cancel_requested = False  # set by SIGTERM/SIGINT in the driver process
 
 
@@ -333,7 +332,7 @@ class StudyCallback(Callback):
         if error:
             tags.append(RunTag("error", error[:4000]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, "FINISHED" if status in ("solved", "unsolved", "stopped") else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if status in OUTCOMES else "FAILED")
 
     def _refresh(self, trials: list[Trial]) -> None:
         records = read_records(self.study_dir / "trials.jsonl")
@@ -354,7 +353,7 @@ class StudyCallback(Callback):
 
                 self._bar = tqdm(total=self.spec.planned_trials(), unit="trial", dynamic_ncols=True)
             self._bar.n = len(records)
-            bad = sum(v for k, v in counts.items() if k not in ("solved", "unsolved", "stopped"))
+            bad = sum(v for k, v in counts.items() if k not in OUTCOMES)
             self._bar.set_postfix_str(f"running={running} failed={bad} frontier={_short(records, self.spec)}")
             self._bar.refresh()
 

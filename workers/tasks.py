@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -210,8 +209,3 @@ def nt_family(points: Sequence[tuple[int, int]], identify_margin: int = 2) -> Ta
 
 
 TASK_FAMILIES: dict[str, Callable[..., TaskMix]] = {"nt": nt_family}
-
-
-def complexity_bits(mix: TaskMix) -> float:
-    """A scalar complexity used for ordering: log2 of the largest member's table, times its reach."""
-    return max(math.log2(m.n) * (1 + math.log2(m.t)) for m in mix.members)
