@@ -136,6 +136,19 @@ def sync(study: Study, registry: Registry, launcher: Launcher, settings: Setting
     return study
 
 
+def check_capacity(registry: Registry, launcher: Launcher, settings: Settings) -> None:
+    """429 when starting one more driver would pass LADDER_MAX_CONCURRENT_STUDIES."""
+    active = [s for s in registry.active() if sync(s, registry, launcher, settings).state in ACTIVE]
+    if len(active) >= settings.max_concurrent_studies:
+        raise api_error(
+            429,
+            [],
+            f"{len(active)} studies are running, the limit is {settings.max_concurrent_studies} "
+            "(LADDER_MAX_CONCURRENT_STUDIES); retry when one finishes",
+            "limit",
+        )
+
+
 def get_study(study_id: str, registry: RegistryDep, launcher: LauncherDep, settings: SettingsDep) -> Study:
     """The one place a study lookup can 404."""
     # An id that cannot exist never reaches the database (PostgreSQL refuses NUL in text).
@@ -367,15 +380,7 @@ def _routes(app: FastAPI) -> None:
                     )
                 response.status_code = 200
                 return public(existing, request, settings)
-            active = [s for s in registry.active() if sync(s, registry, launcher, settings).state in ACTIVE]
-            if len(active) >= settings.max_concurrent_studies:
-                raise api_error(
-                    429,
-                    [],
-                    f"{len(active)} studies are running, the limit is {settings.max_concurrent_studies} "
-                    "(LADDER_MAX_CONCURRENT_STUDIES); retry when one finishes",
-                    "limit",
-                )
+            check_capacity(registry, launcher, settings)
             from workers.driver import new_study_id, prepare_study
 
             study_id = new_study_id(spec)
@@ -492,15 +497,7 @@ def _routes(app: FastAPI) -> None:
                     f"study is {study.state}; only interrupted, failed or cancelled studies can be resumed",
                     "conflict",
                 )
-            active = [s for s in registry.active() if sync(s, registry, launcher, settings).state in ACTIVE]
-            if len(active) >= settings.max_concurrent_studies:
-                raise api_error(
-                    429,
-                    [],
-                    f"{len(active)} studies are running, the limit is {settings.max_concurrent_studies} "
-                    "(LADDER_MAX_CONCURRENT_STUDIES); retry when one finishes",
-                    "limit",
-                )
+            check_capacity(registry, launcher, settings)
             attempt = study.attempts + 1
             from workers.driver import update_status
 

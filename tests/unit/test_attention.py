@@ -12,15 +12,6 @@ from workers.attention import ATTENTION_KINDS, attention_weights
 from workers.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP threads competing with other processes run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _softmax(xs: list[float]) -> list[float]:
     es = [math.exp(x) for x in xs]
     return [e / sum(es) for e in es]

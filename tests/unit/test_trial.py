@@ -17,15 +17,6 @@ from workers.trial import STATUSES, TrialConfig, is_solved, lr_at, run_trial
 TIME_FIELDS = ("wall_s", "cpu_s", "gpu_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP threads competing with other processes run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # An easy point both kinds solve in ~200 steps, and the budget every learning test gets.
 EASY = TrialConfig(
     task=[[7, 2]],
