@@ -34,7 +34,13 @@ class TrialRecord(BaseModel):
     seed: int
     lr: float
     status: Status
-    eval_acc: float | None = None
+    eval_acc: float | None = None  # on set B, the confirmation set (docs/evaluation.md)
+    eval_acc_lo: float | None = None  # 95% Wilson interval of eval_acc from eval_tokens scored tokens
+    eval_acc_hi: float | None = None
+    eval_tokens: int | None = None
+    eval_pool: int | None = None  # distinct held-out sequences the sets were drawn from (smallest member)
+    eval_exhaustive: bool | None = None  # the pool was evaluated whole (A = B, an exact accuracy)
+    search_acc: float | None = None  # on set A, which stop-when-solved looks at
     acc_per_task: dict[str, float] = {}
     eval_loss: float | None = None
     steps: int = 0
@@ -45,6 +51,7 @@ class TrialRecord(BaseModel):
     node_id: str | None = None
     mlflow_run_id: str | None = None
     error: str | None = None
+    config: dict[str, Any] = {}  # the resolved trial config: evaluation and fairness settings included
 
     @property
     def size_name(self) -> str:

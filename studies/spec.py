@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.attention import ATTENTION_KINDS
-from workers.tasks import TASK_FAMILIES, TaskMix
+from workers.evaluation import ceiling_problem, pool_problem, sequences_per_member
+from workers.tasks import HOLDOUTS, TASK_FAMILIES, TaskMix
 
 SPEC_VERSION = 1
 # libyaml when present: fast, and it caps nesting depth (the pure-Python parser is slow and recursive)
@@ -195,7 +196,11 @@ class Training(_Strict):
     max_steps: PosInt = 1000
     batch_size: PosInt = 64
     eval_interval: PosInt = 100
-    eval_sequences: PosInt = 512
+    eval_sequences: PosInt | None = Field(
+        default=None,
+        description="at least this many eval sequences per member in each of sets A and B; by default (and "
+        "at least) as many as the threshold's resolution needs (docs/evaluation.md)",
+    )
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
@@ -206,6 +211,23 @@ class Training(_Strict):
         if self.eval_interval > self.max_steps:
             raise ValueError(f"eval_interval must be <= max_steps ({self.eval_interval} > {self.max_steps})")
         return self
+
+
+class Evaluation(_Strict):
+    """How trials are evaluated (docs/evaluation.md)."""
+
+    holdout: str = Field(
+        default="fresh",
+        description="fresh: eval sets drawn from the task's whole distribution; orbit: whole orbits of the "
+        "step map held out of training (single-member points with an enumerable state space)",
+    )
+
+    @field_validator("holdout")
+    @classmethod
+    def _known_holdout(cls, v: str) -> str:
+        if v not in HOLDOUTS:
+            raise ValueError(f"unknown holdout {v!r}; known: {list(HOLDOUTS)}")
+        return v
 
 
 class Search(_Strict):
@@ -251,6 +273,7 @@ class StudySpec(_Strict):
     seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=lambda: [0], min_length=1)
     search: Search = Search()
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.99
+    evaluation: Evaluation = Evaluation()
     resources: Resources = Resources()
     max_concurrent: PosInt = 2
     early_stopping: EarlyStopping = EarlyStopping()
@@ -285,6 +308,7 @@ class StudySpec(_Strict):
                     f"training.context_length={ctx} is too short for task point {p.name}: it needs >= {need} "
                     f"(prefix plus context_margin={self.task.context_margin} scored positions)",
                 )
+        self._check_evaluation()
         n = self.planned_trials()
         if n > self.caps.max_trials:
             raise _field_error(
@@ -300,6 +324,24 @@ class StudySpec(_Strict):
                 "early_stopping.grace_period must be <= training.max_steps",
             )
         return self
+
+    def _check_evaluation(self) -> None:
+        """Refuse points whose held-out pool cannot give the threshold's resolution, and mixtures whose
+        members are too often indistinguishable to ever reach the threshold."""
+        ctx, holdout, minimum = self.training.context_length, self.evaluation.holdout, self.training.eval_sequences
+        for p in self.task.points():
+            mix = p.mix(self.task.identify_margin)
+            problem = pool_problem(mix, ctx, self.threshold, holdout, minimum or 0)
+            if problem:
+                at = (
+                    ("training", "eval_sequences")
+                    if minimum and minimum > sequences_per_member(mix, ctx, self.threshold)
+                    else ("evaluation", "holdout")
+                )
+                raise _field_error(at, minimum if at[0] == "training" else holdout, problem)
+            problem = ceiling_problem(mix, ctx, self.threshold)
+            if problem:
+                raise _field_error(("threshold",), self.threshold, problem)
 
     def planned_trials(self) -> int:
         """Trials the study runs at most (grid and frontier: the full grid; optuna: n_trials per kind)."""

@@ -88,7 +88,7 @@ def train_point(config: dict[str, Any]) -> None:
     coords = config["cell"]["coords"]
 
     def on_eval(metrics: dict[str, Any], state: Any) -> None:
-        score = frontier_score(coords, metrics["solved"], metrics.get("eval_acc"))
+        score = frontier_score(coords, metrics["solved"], metrics.get("search_acc"))
         with tempfile.TemporaryDirectory() as d:
             torch.save(state(), Path(d) / "state.pt")
             result = _scalars(metrics) | {"node_id": node, "score": score}
@@ -269,7 +269,7 @@ class StudyCallback(Callback):
 
         step = int(result.get("step", 0))
         now = int(time.time() * 1000)
-        keys = ("eval_acc", "eval_loss", "train_loss", "lr", "wall_s", "cpu_s")
+        keys = ("eval_acc", "eval_loss", "search_acc", "search_loss", "train_loss", "lr", "wall_s", "cpu_s")
         metrics = [
             Metric(k, float(v), now, step)
             for k, v in result.items()
@@ -310,6 +310,13 @@ class StudyCallback(Callback):
             eval_acc=result.get("eval_acc"),
             acc_per_task=acc,
             eval_loss=result.get("eval_loss"),
+            eval_acc_lo=result.get("eval_acc_lo"),
+            eval_acc_hi=result.get("eval_acc_hi"),
+            eval_pool=result.get("eval_pool"),
+            eval_exhaustive=result.get("eval_exhaustive"),
+            search_acc=result.get("search_acc"),
+            eval_tokens=None if result.get("eval_tokens") is None else int(result["eval_tokens"]),
+            config=asdict(trial_config(trial.config)),
             steps=int(result.get("steps", result.get("step", 0)) or 0),
             steps_to_solve=result.get("steps_to_solve"),
             wall_s=float(result.get("wall_s", 0.0) or 0.0),
@@ -398,7 +405,8 @@ def build_tuner(study_id: str, spec: StudySpec, settings: Settings, progress: bo
         "batch_size": spec.training.batch_size,
         "max_steps": spec.training.max_steps,
         "eval_interval": spec.training.eval_interval,
-        "eval_sequences": spec.training.eval_sequences,
+        "eval_sequences": spec.training.eval_sequences or 0,
+        "holdout": spec.evaluation.holdout,
         "threshold": spec.threshold,
     }
     param_space: dict[str, Any] = {"fixed": fixed}
@@ -425,7 +433,7 @@ def build_tuner(study_id: str, spec: StudySpec, settings: Settings, progress: bo
     if spec.early_stopping.asha:
         scheduler = ASHAScheduler(
             time_attr="step",
-            metric="eval_acc",
+            metric="search_acc",
             mode="max",
             max_t=spec.training.max_steps,
             grace_period=spec.early_stopping.grace_period,

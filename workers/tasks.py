@@ -1,23 +1,36 @@
 """The NT task ladder: x[t+1] = (x[t] + x[t-T]) mod N after T+1 random tokens.
 
-A point is a mixture of one or more (N, T) members. Streams are deterministic per seed;
-the prefix space is split by a fixed hash into train and held-out eval parts, so the two
-streams never share a sequence. Task families live in ``TASK_FAMILIES``.
+A point is a mixture of one or more (N, T) members. A sequence is fixed by its first T+1
+tokens, its start state; the step map moves a window of T+1 tokens one position on and is
+invertible, so the state space splits into orbits (cycles). Two holdouts (``HOLDOUTS``,
+docs/evaluation.md):
+
+* ``fresh``: training and evaluation both draw start states from the whole space; the eval
+  sets are drawn without replacement from an RNG stream of their own. The verdict says how
+  well the model computes the task on its whole distribution.
+* ``orbit``: whole orbits are held out, so no held-out state (window) occurs anywhere in a
+  training sequence. The verdict says whether the model computes the rule on windows it
+  never saw. Needs an enumerable state space with more than one orbit, single-member points.
+
+Task families live in ``TASK_FAMILIES``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-GENERATOR_VERSION = "nt-2"  # nt-2: the split hashes the tokens, so mixture members never share a sequence
-EVAL_FRACTION_DENOM = 8  # one prefix in 8 (by hash) is held out for evaluation
-_ENUMERATE_LIMIT = 1 << 16  # prefix spaces up to this size are enumerated exactly
+# nt-3: no hash split; training draws from the whole space (fresh) or from the training orbits
+# (orbit), and eval sets are drawn without replacement (workers/evaluation.py).
+GENERATOR_VERSION = "nt-3"
+HOLDOUTS = ("fresh", "orbit")
+ENUMERATE_LIMIT = 1 << 20  # state spaces up to this size are enumerated (pools, orbits)
+EVAL_ORBIT_SHARE = 1 / 8  # orbit holdout: about this share of the states is held out
 _M32 = 0xFFFFFFFF
 
 
@@ -41,6 +54,11 @@ class NTTask:
     @property
     def prefix_len(self) -> int:
         return self.t + 1
+
+    @property
+    def n_states(self) -> int:
+        """Size of the state space: distinct start states, and so distinct sequences."""
+        return self.n**self.prefix_len
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,10 @@ class TaskMix:
         """Shortest context with at least one scored position."""
         return self.score_start + 1
 
+    def scored_per_sequence(self, context_length: int) -> int:
+        """Scored target positions in one sequence of ``context_length`` inputs (same for every member)."""
+        return context_length - self.score_start
+
 
 @dataclass
 class Batch:
@@ -98,55 +120,6 @@ class Batch:
     targets: Tensor  # (B, L) next tokens
     scored: Tensor  # (B, L) bool: predictable positions that count in loss and accuracy
     member: Tensor  # (B,) index of the member task of each sequence
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer finaliser (xor-shift-multiply), computed in int64 without overflow."""
-    for _ in range(2):
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
-
-
-def _key_hash(key: Tensor) -> Tensor:
-    """A fixed hash of each row of leading tokens (B, K) -> (B,) int64."""
-    h = torch.full((key.shape[0],), 0x2545F491, dtype=torch.int64)
-    for j in range(key.shape[1]):
-        h = _mix32((h * 31 + key[:, j] + 1) & _M32)
-    return h
-
-
-def is_eval_prefix(key: Tensor) -> Tensor:
-    """Whether each row of leading tokens (B, K) belongs to the held-out evaluation part.
-
-    The key is the first K tokens of the sequence, K the longest prefix of the point's
-    members: a token sequence that two members both generate lands on one side only.
-    """
-    return _key_hash(key) % EVAL_FRACTION_DENOM == 0
-
-
-@functools.lru_cache(maxsize=64)
-def _enumerated_split(task: NTTask, key_len: int) -> dict[str, Tensor]:
-    """All prefixes of a small task, split into train and eval (eval never empty)."""
-    allp = torch.tensor(list(itertools.product(range(task.n), repeat=task.prefix_len)), dtype=torch.int64)
-    keys = unroll(allp, task.n, task.t, key_len)
-    ev = is_eval_prefix(keys)
-    if not ev.any() or ev.all():  # tiny spaces: hold out the prefix with the smallest hash
-        ev = torch.zeros_like(ev)
-        ev[int(torch.argmin(_key_hash(keys)))] = True
-    return {"train": allp[~ev], "eval": allp[ev]}
-
-
-def _sample_prefixes(task: NTTask, key_len: int, count: int, split: str, g: torch.Generator) -> Tensor:
-    """``count`` uniform prefixes (count, T+1) from the ``split`` part of the prefix space."""
-    if task.n**task.prefix_len <= _ENUMERATE_LIMIT:
-        pool = _enumerated_split(task, key_len)[split]
-        return pool[torch.randint(len(pool), (count,), generator=g)]
-    out = torch.randint(task.n, (count, task.prefix_len), generator=g)
-    bad = is_eval_prefix(unroll(out, task.n, task.t, key_len)) != (split == "eval")
-    while bad.any():  # rejection sampling keeps prefixes uniform within the part
-        out[bad] = torch.randint(task.n, (int(bad.sum()), task.prefix_len), generator=g)
-        bad = is_eval_prefix(unroll(out, task.n, task.t, key_len)) != (split == "eval")
-    return out
 
 
 def unroll(prefix: Tensor, n: int, t: int, length: int) -> Tensor:
@@ -158,49 +131,157 @@ def unroll(prefix: Tensor, n: int, t: int, length: int) -> Tensor:
     return seq
 
 
+def all_states(task: NTTask) -> Tensor:
+    """Every start state (n**(T+1), T+1), in lexicographic order (row r encodes r in base N)."""
+    if task.n_states > ENUMERATE_LIMIT:
+        raise ValueError(f"{task.name} has {task.n_states} states, more than the enumeration limit {ENUMERATE_LIMIT}")
+    return torch.cartesian_prod(*[torch.arange(task.n)] * task.prefix_len).reshape(-1, task.prefix_len)
+
+
+def encode(states: Tensor, n: int) -> Tensor:
+    """Row index in ``all_states`` of each state (B, T+1) -> (B,)."""
+    code = torch.zeros(states.shape[0], dtype=torch.int64)
+    for j in range(states.shape[1]):
+        code = code * n + states[:, j]
+    return code
+
+
+def step(states: Tensor, n: int) -> Tensor:
+    """The step map on windows (B, T+1): drop the oldest token, append (newest + oldest) mod N."""
+    return torch.cat([states[:, 1:], ((states[:, -1] + states[:, 0]) % n)[:, None]], dim=1)
+
+
+def _hash(x: Tensor) -> Tensor:
+    """A fixed 32-bit integer hash (xor-shift-multiply), computed in int64 without overflow."""
+    x = (x * 0x9E3779B1 + 0x2545F491) & _M32
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=32)
+def orbit_labels(task: NTTask) -> Tensor:
+    """Each state's orbit, labelled by the smallest state code in it (n**(T+1),)."""
+    nxt = encode(step(all_states(task), task.n), task.n)  # the step map as a permutation of codes
+    label = torch.arange(task.n_states)
+    for _ in range(max(1, math.ceil(math.log2(task.n_states))) + 1):  # pointer doubling covers any cycle
+        label = torch.minimum(label, label[nxt])
+        nxt = nxt[nxt]
+    return label
+
+
+@functools.lru_cache(maxsize=32)
+def orbit_split(task: NTTask) -> dict[str, Tensor]:
+    """Start states of the training and the held-out orbits: ``{"train": (S1, T+1), "eval": (S2, T+1)}``.
+
+    Orbits are taken in the order of a fixed hash of their label while the held-out share stays
+    within ``EVAL_ORBIT_SHARE`` (at least one orbit, never all of them).
+
+    Raises:
+        ValueError: if the space is too large to enumerate or is a single orbit.
+    """
+    label = orbit_labels(task)
+    orbits, sizes = torch.unique(label, return_counts=True)
+    if len(orbits) < 2:
+        raise ValueError(f"{task.name} is a single orbit of the step map: nothing can be held out by orbit")
+    chosen, budget, taken = [], EVAL_ORBIT_SHARE * task.n_states, 0
+    for i, size in zip(
+        torch.argsort(_hash(orbits)).tolist(), sizes[torch.argsort(_hash(orbits))].tolist(), strict=True
+    ):
+        if taken + size <= budget:
+            chosen.append(i)
+            taken += size
+    if not chosen:  # every orbit is larger than the share: hold out the smallest one
+        chosen = [int(torch.argmin(sizes))]
+    held = torch.isin(label, orbits[chosen])
+    states = all_states(task)
+    return {"train": states[~held], "eval": states[held]}
+
+
+def pool_size(task: NTTask, holdout: str) -> int:
+    """Distinct held-out sequences of ``task`` the eval sets can draw from."""
+    _check_holdout(holdout)
+    return task.n_states if holdout == "fresh" else len(orbit_split(task)["eval"])
+
+
+def _check_holdout(holdout: str) -> None:
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"unknown holdout {holdout=}; known: {', '.join(HOLDOUTS)}")
+
+
+def draw_held_out(task: NTTask, holdout: str, count: int, g: torch.Generator) -> Tensor:
+    """``count`` distinct start states (count, T+1), uniform without replacement from the held-out pool.
+
+    Raises:
+        ValueError: if the pool holds fewer than ``count`` states.
+    """
+    size = pool_size(task, holdout)
+    if count > size:
+        raise ValueError(f"{task.name}: {count} distinct eval sequences asked of a pool of {size}")
+    if holdout == "orbit":
+        pool = orbit_split(task)["eval"]
+        return pool[torch.randperm(len(pool), generator=g)[:count]]
+    if size <= ENUMERATE_LIMIT:
+        codes = torch.randperm(size, generator=g)[:count]
+        return all_states(task)[codes]
+    out = torch.randint(task.n, (0, task.prefix_len))
+    while len(out) < count:  # huge space: draw, drop repeats, keep the first draw of each state
+        more = torch.randint(task.n, (2 * (count - len(out)), task.prefix_len), generator=g)
+        both = torch.cat([out, more])
+        _, inverse = torch.unique(both, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), len(both), dtype=torch.int64).scatter_reduce(
+            0, inverse, torch.arange(len(both)), reduce="amin"
+        )
+        out = both[torch.sort(first).values]
+    return out[:count]
+
+
+def make_batch(mix: TaskMix, context_length: int, prefixes: Sequence[Tensor]) -> Batch:
+    """The batch of sequences that start with ``prefixes[i]`` (rows of member i), members in order."""
+    length = context_length + 1
+    seqs, members = [], []
+    for i, (task, p) in enumerate(zip(mix.members, prefixes, strict=True)):
+        seqs.append(unroll(p, task.n, task.t, length))
+        members.append(torch.full((len(p),), i, dtype=torch.int64))
+    seq, member = torch.cat(seqs), torch.cat(members)
+    start = mix.members[0].t if len(mix.members) == 1 else mix.score_start
+    scored = (torch.arange(context_length) >= start).expand(len(seq), context_length).clone()
+    return Batch(seq[:, :-1], seq[:, 1:], scored, member)  # target index i predicts token i+1
+
+
 class NTStream:
-    """A deterministic stream of batches of one task point.
+    """A deterministic stream of training batches of one task point.
 
     Args:
         mix: the task point.
         context_length: model context; sequences hold ``context_length + 1`` tokens.
-        seed: data seed; the train and eval streams of one seed never share a sequence.
-        split: ``"train"`` or ``"eval"``.
+        seed: data seed (eval sets use other streams of the same seed).
+        holdout: ``fresh`` draws start states from the whole space, ``orbit`` from the training orbits.
     """
 
-    def __init__(self, mix: TaskMix, context_length: int, seed: int, split: str = "train") -> None:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split=}")
+    def __init__(self, mix: TaskMix, context_length: int, seed: int, holdout: str = "fresh") -> None:
+        _check_holdout(holdout)
         if context_length < mix.min_context():
             raise ValueError(f"context_length={context_length} too short for {mix.name}: need >= {mix.min_context()}")
-        self.mix, self.length, self.split = mix, context_length + 1, split
-        self.g = torch.Generator().manual_seed(seed * 2 + (split == "eval"))
+        self.mix, self.context_length, self.holdout = mix, context_length, holdout
+        self.g = torch.Generator().manual_seed(seed * 3)
 
-    def _members(self, batch_size: int, stratified: bool) -> Tensor:
-        probs = self.mix.probs
-        if not stratified:
-            return torch.multinomial(probs, batch_size, replacement=True, generator=self.g)
-        counts = torch.floor(probs * batch_size).long()
-        rest = batch_size - int(counts.sum())
-        counts[torch.argsort(probs * batch_size - counts, descending=True)[:rest]] += 1
-        return torch.repeat_interleave(torch.arange(len(probs)), counts)
+    def _members(self, batch_size: int) -> Tensor:
+        return torch.multinomial(self.mix.probs, batch_size, replacement=True, generator=self.g)
 
-    def batch(self, batch_size: int, stratified: bool = False) -> Batch:
-        """Next ``batch_size`` sequences; ``stratified`` gives exact member proportions."""
-        member = self._members(batch_size, stratified)
-        seq = torch.zeros(batch_size, self.length, dtype=torch.int64)
-        start = torch.zeros(batch_size, dtype=torch.int64)
-        for i, task in enumerate(self.mix.members):
-            rows = (member == i).nonzero().squeeze(1)
-            if len(rows) == 0:
-                continue
-            key_len = max(m.prefix_len for m in self.mix.members)
-            prefix = _sample_prefixes(task, key_len, len(rows), self.split, self.g)
-            seq[rows] = unroll(prefix, task.n, task.t, self.length)
-            start[rows] = task.t if len(self.mix.members) == 1 else self.mix.score_start
-        positions = torch.arange(self.length - 1)
-        scored = positions[None, :] >= start[:, None]  # target index i predicts token i+1
-        return Batch(seq[:, :-1], seq[:, 1:], scored, member)
+    def _prefixes(self, task: NTTask, count: int) -> Tensor:
+        if self.holdout == "orbit":
+            pool = orbit_split(task)["train"]
+            return pool[torch.randint(len(pool), (count,), generator=self.g)]
+        return torch.randint(task.n, (count, task.prefix_len), generator=self.g)
+
+    def batch(self, batch_size: int) -> Batch:
+        """The next ``batch_size`` sequences (members drawn by the mixture's weights)."""
+        member = self._members(batch_size)
+        prefixes = [self._prefixes(task, int((member == i).sum())) for i, task in enumerate(self.mix.members)]
+        b = make_batch(self.mix, self.context_length, prefixes)
+        order = torch.argsort(torch.argsort(member, stable=True))  # back to the drawn member order
+        return Batch(b.inputs[order], b.targets[order], b.scored[order], b.member[order])
 
 
 def nt_family(points: Sequence[tuple[int, int]], identify_margin: int = 2) -> TaskMix:

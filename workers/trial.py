@@ -1,8 +1,9 @@
 """One trial: train one model on one task point, evaluate on held-out sequences.
 
 Usable standalone (no Ray): ``run_trial(TrialConfig(...))``. It streams metrics through
-``on_eval`` at every evaluation, stops as soon as the point is solved, and tells solved,
-unsolved, diverged, out-of-memory and failed trials apart.
+``on_eval`` at every evaluation, stops as soon as the point is solved (set A, confirmed on
+set B: workers/evaluation.py), and tells solved, unsolved, diverged, out-of-memory and
+failed trials apart.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers.evaluation import build_eval_sets, is_solved, score
 from workers.model import ModelConfig, Transformer
-from workers.tasks import GENERATOR_VERSION, NTStream, TaskMix, nt_family
+from workers.tasks import GENERATOR_VERSION, Batch, NTStream, TaskMix, nt_family
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class TrialConfig:
     batch_size: int = 64
     max_steps: int = 2000
     eval_interval: int = 100
-    eval_sequences: int = 512
+    eval_sequences: int = 0  # at least this many per member per set; the threshold sizes the sets
+    holdout: str = "fresh"  # what the eval sets are held out from (workers/tasks.py HOLDOUTS)
     threshold: float = 0.99
     seed: int = 0
     device: str = "auto"
@@ -87,28 +90,16 @@ def _masked_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tens
     return F.cross_entropy(logits[scored], targets[scored])
 
 
+EVAL_CHUNK = 2048  # sequences per forward pass at evaluation
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, data: Any, mix: TaskMix, device: torch.device) -> dict[str, float]:
-    """Loss and token accuracy on the scored positions, overall and per member task."""
+def evaluate(model: Transformer, data: Batch, names: list[str], role: str, device: torch.device) -> dict[str, float]:
+    """``workers.evaluation.score`` of the model's logits on one eval set (forward in chunks)."""
     model.eval()
-    logits = model(data.inputs.to(device))
-    targets, scored = data.targets.to(device), data.scored.to(device)
-    correct = (logits.argmax(-1) == targets) & scored
-    out = {
-        "eval_loss": float(_masked_loss(logits, targets, scored)),
-        "eval_acc": float(correct.sum() / scored.sum()),
-    }
-    member = data.member.to(device)
-    for i, task in enumerate(mix.members):
-        rows = member == i
-        out[f"acc_{task.name}"] = float(correct[rows].sum() / scored[rows].sum())
+    logits = torch.cat([model(x.to(device)) for x in data.inputs.split(EVAL_CHUNK)])
     model.train()
-    return out
-
-
-def is_solved(metrics: dict[str, float], mix: TaskMix, threshold: float) -> bool:
-    """Solved when every member task reaches the threshold (the whole point for one task)."""
-    return all(metrics[f"acc_{t.name}"] >= threshold for t in mix.members)
+    return score(logits, data, names, role)
 
 
 def run_trial(
@@ -150,8 +141,10 @@ def run_trial(
         model = Transformer(cfg.model_config()).to(device)
         record["n_params"] = model.num_parameters()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        train = NTStream(mix, cfg.context_length, cfg.seed, "train")
-        eval_data = NTStream(mix, cfg.context_length, cfg.seed, "eval").batch(cfg.eval_sequences, stratified=True)
+        train = NTStream(mix, cfg.context_length, cfg.seed, cfg.holdout)
+        sets = build_eval_sets(mix, cfg.context_length, cfg.seed, cfg.threshold, cfg.holdout, cfg.eval_sequences)
+        record.update(sets.info())
+        names = [t.name for t in mix.members]
         limit = DIVERGENCE_FACTOR * math.log(mix.vocab_size)
         step = 0
         last: dict[str, Any] = {}
@@ -193,9 +186,15 @@ def run_trial(
             step += 1
             loss_sum, loss_n = loss_sum + value, loss_n + 1
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                misses = int(last.get("confirm_misses", 0))
                 last = {"step": step, "train_loss": loss_sum / loss_n, "lr": lr_at(step - 1, cfg)}
-                last.update(evaluate(model, eval_data, mix, device))
-                last["solved"] = is_solved(last, mix, cfg.threshold)
+                # Set A decides whether to look further; set B confirms a solve and gives the recorded numbers.
+                last.update(evaluate(model, sets.search, names, "search", device))
+                found = is_solved(last, names, cfg.threshold, "search")
+                if found or step == cfg.max_steps:
+                    last.update(evaluate(model, sets.confirm, names, "eval", device))
+                last["solved"] = found and is_solved(last, names, cfg.threshold, "eval")
+                last["confirm_misses"] = misses + (found and not last["solved"])  # A said solved, B did not
                 last.update(elapsed())
                 loss_sum, loss_n = 0.0, 0
                 if on_eval is not None:

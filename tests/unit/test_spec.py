@@ -622,3 +622,37 @@ def test_planned_trials(search: dict[str, Any], planned: int) -> None:
 def test_planned_trials_with_a_searched_lr_counts_one_grid_value() -> None:
     spec = accepted(make(**PLAN | {"hparams": lr(low=1e-4, high=1e-2)}, search={"method": "frontier"}))
     assert spec.planned_trials() == 2 * 3 * 4 * 6 * 1
+
+
+# --- evaluation: pools, resolution, identifiability -----------------------------------------------------------------
+
+
+def test_orbit_holdout_refuses_a_pool_too_small_for_the_threshold_with_the_numbers():
+    rejected(
+        make(task={"ladder": [[[13, 2]]]}, evaluation={"holdout": "orbit"}),
+        ("evaluation", "holdout"),
+        "N13_T2",
+        "181",
+        "6085",
+    )
+    StudySpec.model_validate(make(task={"ladder": [[[13, 3]]]}, evaluation={"holdout": "orbit"}, threshold=0.9))
+
+
+def test_orbit_holdout_refuses_mixtures_and_unknown_holdouts_are_named():
+    rejected(
+        make(task={"ladder": [[[13, 3], [13, 2]]]}, evaluation={"holdout": "orbit"}, threshold=0.9),
+        ("evaluation", "holdout"),
+        "mixture",
+    )
+    rejected(make(evaluation={"holdout": "split"}), ("evaluation", "holdout"), "unknown holdout", "fresh")
+
+
+def test_a_mixture_no_model_can_solve_at_the_threshold_is_refused_with_its_bound():
+    spec = make(task={"ladder": [[[5, 1], [5, 2]]], "identify_margin": 0, "context_margin": 1})
+    rejected(spec | {"training": {"context_length": 4}}, ("threshold",), "N5_T1+N5_T2", "no model", "0.")
+    StudySpec.model_validate(make(task={"ladder": [[[5, 1], [7, 1]]]}))  # bound 0.9925 >= 0.99
+
+
+def test_eval_sequences_is_optional_and_a_minimum():
+    assert StudySpec.model_validate(make()).training.eval_sequences is None
+    assert StudySpec.model_validate(make(training={"eval_sequences": 2000})).training.eval_sequences == 2000

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections import Counter
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.tasks import NTStream, NTTask, TaskMix, is_eval_prefix, nt_family
+from workers.tasks import (
+    EVAL_ORBIT_SHARE,
+    NTStream,
+    NTTask,
+    TaskMix,
+    draw_held_out,
+    encode,
+    nt_family,
+    orbit_labels,
+    orbit_split,
+    pool_size,
+    step,
+)
 
 
 def _full(batch) -> torch.Tensor:
@@ -62,11 +72,10 @@ def test_recurrence_and_scored_mask_single_task(n, t):
     t=st.integers(1, 8),
     extra=st.integers(1, 12),
     seed=st.integers(0, 2**31 - 1),
-    split=st.sampled_from(["train", "eval"]),
 )
-def test_recurrence_holds_at_every_scored_position(n, t, extra, seed, split):
+def test_recurrence_holds_at_every_scored_position(n, t, extra, seed):
     mix = TaskMix.single(n, t)
-    batch = NTStream(mix, t + extra, seed, split).batch(8)
+    batch = NTStream(mix, t + extra, seed).batch(8)
     _check_recurrence(batch, mix)
     assert batch.scored.sum() == 8 * extra
 
@@ -100,110 +109,94 @@ def test_context_of_exactly_min_context_scores_one_position():
     assert batch.scored.sum(1).tolist() == [1, 1, 1, 1]
 
 
-# --- uniform prefixes -----------------------------------------------------------------------------------------------
+# --- uniform start states and the two holdouts ---------------------------------------------------------------------
 
 
-def _prefixes(n: int, t: int, split: str, count: int, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
-    stream = NTStream(TaskMix.single(n, t), t + 2, seed, split)
-    out = [stream.batch(min(chunk, count - i)).inputs[:, : t + 1] for i in range(0, count, chunk)]
-    return torch.cat(out)
+@pytest.mark.parametrize(("n", "t"), [(7, 2), (13, 3), (41, 2)])
+def test_fresh_training_draws_start_states_uniformly_from_the_whole_space(n, t):
+    stream = NTStream(TaskMix.single(n, t), t + 2, seed=3)
+    p = torch.cat([stream.batch(4096).inputs[:, : t + 1] for _ in range(4)])
+    for pos in range(t + 1):  # per-position marginals, and the pair (first, last)
+        counts = torch.bincount(p[:, pos], minlength=n).tolist()
+        assert _chi2(counts, len(p) / n) < _chi2_upper(n - 1), pos
+    if n * n * 5 <= len(p):
+        counts = torch.bincount(p[:, 0] * n + p[:, t], minlength=n * n).tolist()
+        assert _chi2(counts, len(p) / n**2) < _chi2_upper(n * n - 1)
 
 
-def _part(n: int, t: int, split: str) -> torch.Tensor:
-    """Every prefix of the ``split`` part of a single task's prefix space (member 0)."""
-    space = torch.cartesian_prod(*[torch.arange(n)] * (t + 1))
-    return space[is_eval_prefix(space) == (split == "eval")]
+def _windows(seq: torch.Tensor, t: int) -> set[tuple[int, ...]]:
+    """Every state (window of T+1 consecutive tokens) in the rows of ``seq``."""
+    w = seq.unfold(1, t + 1, 1).reshape(-1, t + 1)
+    return set(map(tuple, w.tolist()))
 
 
-@pytest.mark.parametrize(
-    ("n", "t", "split", "count"),
-    [
-        (13, 3, "train", 16384),  # 28,561 prefixes: below the enumeration limit
-        (17, 3, "train", 16384),  # 83,521 prefixes: rejection sampling
-        (17, 3, "eval", 8192),
-        (41, 2, "train", 16384),  # 68,921 prefixes: rejection sampling, larger N
-    ],
-)
-def test_prefixes_are_uniform_within_their_part(n, t, split, count):
-    part = _part(n, t, split)
-    assert 0.1 < len(part) / n ** (t + 1) < 0.9 if split == "eval" else len(part) / n ** (t + 1) > 0.8
-    p = _prefixes(n, t, split, count)
-    assert is_eval_prefix(p).eq(split == "eval").all()
-    # Chi-square of per-position marginals, and of pairs of positions (which would catch correlated draws),
-    # against the exact distribution of a uniform draw from the part.
-    cols = [(pos,) for pos in range(t + 1)] + [(0, t)] * (split == "train" and n * n * 5 <= count)
-    for c in cols:
-        bins = n ** len(c)
-        weights = torch.tensor([n**i for i in range(len(c))])
-        want = torch.bincount(part[:, c] @ weights, minlength=bins).double() / len(part) * count
-        got = torch.bincount(p[:, c] @ weights, minlength=bins).double()
-        assert want.min() > 5
-        assert ((got - want) ** 2 / want).sum() < _chi2_upper(bins - 1), c
-    # The train part is most of the space: its marginals are uniform to within a few percent.
-    if split == "train":
-        for pos in range(t + 1):
-            freq = torch.bincount(part[:, pos], minlength=n).double() / len(part)
-            assert (freq * n - 1).abs().max() < 0.05
+# (N, T) with enumerable state spaces and more than one orbit, small to large orbits.
+ORBIT_CASES = [
+    (2, 1),
+    (3, 1),
+    (5, 1),
+    (7, 1),
+    (10, 1),
+    (7, 2),
+    (4, 3),
+    (6, 2),
+    (11, 2),
+    (13, 3),
+    (2, 5),
+    (16, 3),
+    (3, 6),
+]
 
 
-def test_small_space_split_is_a_partition_and_each_part_is_sampled_uniformly():
-    n, t = 7, 2
-    space = set(itertools.product(range(n), repeat=t + 1))
-    counts = {}
-    for split, count in [("train", 343 * 60), ("eval", 343 * 10)]:
-        counts[split] = Counter(map(tuple, _prefixes(n, t, split, count).tolist()))
-    train, ev = set(counts["train"]), set(counts["eval"])
-    assert not train & ev
-    assert train | ev == space  # with ~60 draws per prefix, every prefix of a part shows up
-    assert 0 < len(ev) < len(train)
-    for split, c in counts.items():
-        total = sum(c.values())
-        assert _chi2(list(c.values()), total / len(c)) < _chi2_upper(len(c) - 1), split
-    # Marginals of the train part stay near uniform (the held-out part is spread evenly).
-    p = torch.tensor(list(counts["train"].elements()))
-    for pos in range(t + 1):
-        freq = torch.bincount(p[:, pos], minlength=n).double() / len(p)
-        assert (freq - 1 / n).abs().max() < 0.03, (pos, freq)
+@pytest.mark.parametrize(("n", "t"), ORBIT_CASES)
+def test_orbit_holdout_no_held_out_state_occurs_anywhere_in_training(n, t):
+    task = NTTask(n, t)
+    split = orbit_split(task)
+    train, held = set(map(tuple, split["train"].tolist())), set(map(tuple, split["eval"].tolist()))
+    assert train and held and not train & held and len(train) + len(held) == task.n_states
+    assert len(held) <= max(EVAL_ORBIT_SHARE * task.n_states, min(len(held), len(train)))
+    # The held-out part is closed under the step map and its inverse: whole orbits.
+    nxt = set(map(tuple, step(split["eval"], n).tolist()))
+    assert nxt == held
+    # Real training batches: no window of any training sequence is a held-out state, at any position.
+    ctx = t + 1 + 24
+    batch = NTStream(TaskMix.single(n, t), ctx, seed=n + t, holdout="orbit").batch(512)
+    seen = _windows(torch.cat([batch.inputs, batch.targets[:, -1:]], 1), t)
+    assert seen <= train
+    # Eval sets of the same holdout only start at held-out states, and so stay in held-out orbits.
+    ev = draw_held_out(task, "orbit", len(held), torch.Generator().manual_seed(0))
+    assert set(map(tuple, ev.tolist())) == held
 
 
-# --- train and eval never share a sequence --------------------------------------------------------------------------
+def test_orbit_labels_match_orbits_walked_by_hand():
+    task = NTTask(5, 1)  # Fibonacci mod 5: the zero state, a 4-cycle and a 20-cycle (Pisano period 20)
+    label = orbit_labels(task)
+    sizes = sorted(torch.unique(label, return_counts=True)[1].tolist())
+    assert sizes == [1, 4, 20]
+    walk, state = [], torch.tensor([[1, 3]])
+    for _ in range(4):
+        walk.append(int(encode(state, 5)))
+        state = step(state, 5)
+    assert len(set(label[walk].tolist())) == 1 and int(encode(state, 5)) == walk[0]
 
 
-def _seen(mix: TaskMix, split: str, batches: int, ctx: int, seed: int = 0, size: int = 1024) -> set[tuple[int, ...]]:
-    stream, out = NTStream(mix, ctx, seed, split), set()
-    for _ in range(batches):
-        b = stream.batch(size)
-        rows = torch.cat([b.member[:, None], _full(b)], dim=1)
-        out |= set(map(tuple, rows.tolist()))
-    return out
+def test_orbit_split_refuses_spaces_too_large_to_enumerate():
+    with pytest.raises(ValueError, match="enumeration limit"):
+        orbit_split(NTTask(97, 8))
 
 
-@pytest.mark.parametrize(
-    "members",
-    [
-        [(7, 2)],  # small, enumerated
-        [(2, 1)],  # tiny: 4 prefixes
-        [(97, 2)],  # large, rejection sampled: random draws would collide hundreds of times
-        [(5, 1), (7, 2), (11, 2)],
-    ],
-)
-def test_train_and_eval_share_no_member_sequence(members):
-    mix = nt_family(members)
-    ctx = mix.min_context() + 3
-    train = _seen(mix, "train", 20, ctx)
-    ev = _seen(mix, "eval", 20, ctx)
-    assert train and ev
-    assert not train & ev
-
-
-@pytest.mark.parametrize("members", [[(7, 1), (7, 2)], [(5, 2), (7, 2)]])
-def test_mixture_train_and_eval_share_no_token_sequence(members):
-    mix = nt_family(members)
-    ctx = mix.min_context() + 8
-    strip = lambda rows: {r[1:] for r in rows}  # noqa: E731 - drop the member index, keep the tokens
-    train = strip(_seen(mix, "train", 10, ctx))
-    ev = strip(_seen(mix, "eval", 10, ctx))
-    assert not train & ev
+@pytest.mark.parametrize(("n", "t", "holdout"), [(5, 1, "fresh"), (7, 2, "fresh"), (13, 3, "orbit"), (97, 6, "fresh")])
+def test_held_out_draws_are_distinct_and_from_the_pool(n, t, holdout):
+    task = NTTask(n, t)
+    size = pool_size(task, holdout)
+    count = min(size, 3000)
+    p = draw_held_out(task, holdout, count, torch.Generator().manual_seed(1))
+    assert p.shape == (count, t + 1)
+    assert len(set(map(tuple, p.tolist()))) == count  # without replacement
+    assert (p >= 0).all() and (p < n).all()
+    if size < 10**6:
+        with pytest.raises(ValueError, match="pool"):
+            draw_held_out(task, holdout, size + 1, torch.Generator())
 
 
 # --- determinism ----------------------------------------------------------------------------------------------------
@@ -214,14 +207,13 @@ def test_same_seed_same_batches_other_seed_other_batches(members):
     mix = nt_family(members)
     ctx = mix.min_context() + 4
 
-    def batches(seed: int, split: str = "train") -> list[torch.Tensor]:
-        s = NTStream(mix, ctx, seed, split)
+    def batches(seed: int) -> list[torch.Tensor]:
+        s = NTStream(mix, ctx, seed)
         return [torch.cat([s.batch(64).inputs, s.batch(64).targets]) for _ in range(3)]
 
-    a, b, c, e = batches(1), batches(1), batches(2), batches(1, "eval")
+    a, b, c = batches(1), batches(1), batches(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not any(torch.equal(x, y) for x, y in zip(a, c, strict=True))
-    assert not any(torch.equal(x, y) for x, y in zip(a, e, strict=True))
     assert not torch.equal(a[0], a[1])  # the stream moves on
 
 
@@ -243,32 +235,6 @@ def test_unweighted_mixture_is_uniform_over_members():
     assert (freq - 1 / 3).abs().max() < 0.025
 
 
-@pytest.mark.parametrize(
-    ("weights", "size", "expected"),
-    [((3.0, 1.0), 64, [48, 16]), ((1.0, 2.0, 5.0), 80, [10, 20, 50]), (None, 512, [256, 256])],
-)
-def test_stratified_batches_have_exact_counts(weights, size, expected):
-    members = tuple(NTTask(n, t) for n, t in [(5, 1), (7, 2), (11, 1)][: len(expected)])
-    stream = NTStream(TaskMix(members, weights=weights), 8, 0)
-    for _ in range(3):
-        assert torch.bincount(stream.batch(size, stratified=True).member, minlength=len(expected)).tolist() == expected
-
-
-@pytest.mark.parametrize(
-    ("weights", "size", "expected"),
-    [((1.0, 2.0), 10, [3, 7]), ((2.0, 1.0), 10, [7, 3]), ((1.0, 1.0, 1.0), 10, None), ((5.0, 3.0, 2.0), 7, [4, 2, 1])],
-)
-def test_stratified_counts_round_to_the_nearest_whole_row(weights, size, expected):
-    members = tuple(NTTask(n, 1) for n in (5, 7, 11)[: len(weights)])
-    stream = NTStream(TaskMix(members, weights=weights), 8, 0)
-    counts = torch.bincount(stream.batch(size, stratified=True).member, minlength=len(weights)).tolist()
-    assert sum(counts) == size
-    exact = [w / sum(weights) * size for w in weights]
-    assert all(math.floor(e) <= c <= math.ceil(e) for c, e in zip(counts, exact, strict=True))
-    if expected is not None:
-        assert counts == expected
-
-
 # --- invalid inputs -------------------------------------------------------------------------------------------------
 
 
@@ -287,7 +253,7 @@ def test_stratified_counts_round_to_the_nearest_whole_row(weights, size, expecte
         (lambda: nt_family([(5, 1), (7, 2)], identify_margin=-1), "identify_margin"),
         (lambda: NTStream(TaskMix.single(7, 4), 4, 0), "context_length"),
         (lambda: NTStream(nt_family([(7, 4), (5, 1)]), 6, 0), "context_length"),
-        (lambda: NTStream(TaskMix.single(7, 2), 8, 0, split="test"), "split"),
+        (lambda: NTStream(TaskMix.single(7, 2), 8, 0, holdout="test"), "holdout"),
     ],
 )
 def test_invalid_inputs_raise_value_error_naming_the_field(make, field):

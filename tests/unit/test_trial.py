@@ -12,7 +12,7 @@ import torch
 
 from workers.model import count_parameters
 from workers.tasks import GENERATOR_VERSION
-from workers.trial import STATUSES, TrialConfig, is_solved, lr_at, run_trial
+from workers.trial import STATUSES, TrialConfig, lr_at, run_trial
 
 TIME_FIELDS = ("wall_s", "cpu_s", "gpu_s")
 
@@ -129,9 +129,10 @@ def test_on_eval_is_called_at_every_evaluation_with_metrics():
     r = run_trial(replace(TINY, max_steps=50), on_eval=rec)
     assert [m["step"] for m in rec.metrics] == [20, 40, 50]  # every eval_interval, and at max_steps
     for m in rec.metrics:
-        for key in ("eval_acc", "eval_loss", "train_loss", "lr", "acc_N13_T2", "solved", *TIME_FIELDS):
+        for key in ("search_acc", "search_loss", "train_loss", "lr", "search_acc_N13_T2", "solved", *TIME_FIELDS):
             assert key in m, key
-        assert 0.0 <= m["eval_acc"] <= 1.0
+        assert 0.0 <= m["search_acc"] <= 1.0
+        assert ("eval_acc" in m) is (m["step"] == 50)  # set B: looked at for a solve, or at the end
         assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, replace(TINY, max_steps=50)))
     assert _untimed(rec.metrics[-1]).items() <= _untimed(r).items()
     assert r["status"] == "unsolved" and r["steps"] == 50
@@ -146,28 +147,43 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     assert lr_at(110, cfg) == pytest.approx(0.1)
 
 
-def test_trial_trains_on_the_train_stream_and_evaluates_on_held_out_sequences(monkeypatch):
+def test_trial_trains_on_its_stream_and_records_the_confirmation_set_with_its_interval(monkeypatch):
     import workers.trial as trial
 
-    streams = []
+    made = []
 
-    class Spy(trial.NTStream):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.draws = []
-            streams.append(self)
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
 
-        def batch(self, batch_size, stratified=False):
-            self.draws.append((batch_size, stratified))
-            return super().batch(batch_size, stratified)
-
-    monkeypatch.setattr(trial, "NTStream", Spy)
+    real = trial.build_eval_sets
+    monkeypatch.setattr(trial, "build_eval_sets", spy)
     r = run_trial(replace(TINY, max_steps=20))
-    assert r["status"] == "unsolved"
-    by_split = {s.split: s for s in streams}
-    assert sorted(by_split) == ["eval", "train"] and len(streams) == 2
-    assert by_split["eval"].draws == [(TINY.eval_sequences, True)]  # one fixed, stratified eval set
-    assert by_split["train"].draws == [(TINY.batch_size, False)] * 20
+    assert r["status"] == "unsolved" and len(made) == 1
+    sets = made[0]
+    assert r["eval_sequences"] == sets.confirm.inputs.shape[0] and r["eval_pool"] == 13**3
+    assert r["eval_tokens"] == int(sets.confirm.scored.sum())
+    assert r["eval_acc_lo"] <= r["eval_acc"] <= r["eval_acc_hi"]
+    assert r["eval_acc_hi"] - r["eval_acc_lo"] < 0.1
+
+
+def test_a_solve_on_set_a_that_set_b_does_not_confirm_is_not_recorded_as_solved(monkeypatch):
+    import workers.trial as trial
+
+    real = trial.build_eval_sets
+
+    def corrupt_b(*args, **kwargs):  # set B's targets shifted by one token: no model can pass it
+        sets = real(*args, **kwargs)
+        b = sets.confirm
+        bad = trial.Batch(b.inputs, (b.targets + 1) % 7, b.scored, b.member)
+        return replace(sets, confirm=bad)
+
+    monkeypatch.setattr(trial, "build_eval_sets", corrupt_b)
+    rec = Recorder()
+    r = run_trial(replace(EASY, max_steps=300), on_eval=rec)
+    assert any(m["search_acc"] >= EASY.threshold for m in rec.metrics), "set A should be solved in 300 steps"
+    assert r["status"] == "unsolved" and r["steps"] == 300 and r["confirm_misses"] >= 1
+    assert r["eval_acc"] < 0.5 <= r["search_acc"]
 
 
 # --- reproducibility and resume -------------------------------------------------------------------------------------
@@ -216,16 +232,10 @@ def test_multi_task_point_reports_each_member_and_needs_all_of_them():
     assert r["status"] == "unsolved"
     assert r["acc_N5_T1"] >= cfg.threshold > r["acc_N61_T6"]
     for m in rec.metrics:
-        assert m["solved"] is (m["acc_N5_T1"] >= cfg.threshold and m["acc_N61_T6"] >= cfg.threshold)
-        # Stratified eval: both members have the same number of sequences and scored positions.
-        assert m["eval_acc"] == pytest.approx((m["acc_N5_T1"] + m["acc_N61_T6"]) / 2, abs=1e-6)
-
-
-def test_is_solved_needs_every_member():
-    mix = TrialConfig(task=[[5, 1], [7, 2]]).mix()
-    assert is_solved({"acc_N5_T1": 1.0, "acc_N7_T2": 0.99}, mix, 0.99)
-    assert not is_solved({"acc_N5_T1": 1.0, "acc_N7_T2": 0.989}, mix, 0.99)
-    assert not is_solved({"acc_N5_T1": 0.5, "acc_N7_T2": 1.0, "eval_acc": 0.999}, mix, 0.99)
+        assert m["solved"] is False
+        # N5_T1's whole pool (25) is fewer than two sets: that member is evaluated whole, in A and B alike.
+        assert m["search_acc_N5_T1"] == m.get("acc_N5_T1", m["search_acc_N5_T1"])
+    assert r["eval_exhaustive"] is True and r["eval_pool"] == 25
 
 
 # --- failures are records -------------------------------------------------------------------------------------------
