@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
+from workers.evaluation import EvalSets, build_eval_sets
 from workers.model import Transformer
-from workers.tasks import GENERATOR_VERSION, Batch, NTStream
-from workers.trial import DIVERGENCE_FACTOR, TrialConfig, evaluate, is_solved, lr_at, pick_device
+from workers.tasks import GENERATOR_VERSION, NTStream
+from workers.trial import DIVERGENCE_FACTOR, TrialConfig, evaluate_point, lr_at, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +273,14 @@ def _train(
 
     mixes = [m.cfg.mix() for m in members]
     streams: dict[tuple[Any, ...], NTStream] = {}
-    evals: dict[tuple[Any, ...], Batch] = {}
+    evals: dict[tuple[Any, ...], EvalSets] = {}
     for m, mix in zip(members, mixes, strict=True):
         if m.stream_key not in streams:
-            streams[m.stream_key] = NTStream(mix, shared.context_length, m.cfg.seed, "train")
-            evals[m.stream_key] = NTStream(mix, shared.context_length, m.cfg.seed, "eval").batch(
-                shared.eval_sequences, stratified=True
+            streams[m.stream_key] = NTStream(mix, shared.context_length, m.cfg.seed, shared.holdout)
+            evals[m.stream_key] = build_eval_sets(
+                mix, shared.context_length, m.cfg.seed, shared.threshold, shared.holdout, shared.eval_sequences
             )
+        m.record.update(evals[m.stream_key].info())
     limits = [DIVERGENCE_FACTOR * math.log(mix.vocab_size) for mix in mixes]
 
     step = 0
@@ -377,8 +379,8 @@ def _train(
                 m = members[i]
                 m.model.load_state_dict(states[i]["model"])
                 last = {"step": step, "train_loss": loss_sums[i] / n_since, "lr": lr_at(step - 1, m.cfg)}
-                last.update(evaluate(m.model, evals[m.stream_key], mixes[i], device))
-                last["solved"] = is_solved(last, mixes[i], m.cfg.threshold)
+                misses = int(m.last.get("confirm_misses", 0)) if m.last else 0
+                last.update(evaluate_point(m.model, evals[m.stream_key], mixes[i], m.cfg, step, device, misses))
                 last.update(elapsed())
                 last["cpu_s"] = m.cpu_s
                 m.last, loss_sums[i] = last, 0.0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.evaluation import build_eval_sets, is_solved, score
+from workers.evaluation import EvalSets, build_eval_sets, is_solved, score
 from workers.model import ModelConfig, Transformer
 from workers.tasks import GENERATOR_VERSION, Batch, NTStream, TaskMix, nt_family
 
@@ -102,6 +102,25 @@ def evaluate(model: Transformer, data: Batch, names: list[str], role: str, devic
     return score(logits, data, names, role)
 
 
+def evaluate_point(
+    model: Transformer, sets: EvalSets, mix: TaskMix, cfg: TrialConfig, step: int, device: torch.device, misses: int
+) -> dict[str, Any]:
+    """One evaluation, as every trainer does it (docs/evaluation.md).
+
+    Set A is scored; set B when A says solved, or at the last step so that every record comes from B.
+    ``solved`` needs both; ``confirm_misses`` counts the solves on A that B did not confirm (``misses``
+    before this one).
+    """
+    names = [t.name for t in mix.members]
+    out = evaluate(model, sets.search, names, "search", device)
+    found = is_solved(out, names, cfg.threshold, "search")
+    if found or step == cfg.max_steps:
+        out.update(evaluate(model, sets.confirm, names, "eval", device))
+    out["solved"] = found and is_solved(out, names, cfg.threshold, "eval")
+    out["confirm_misses"] = misses + (found and not out["solved"])
+    return out
+
+
 def run_trial(
     cfg: TrialConfig, on_eval: Reporter | None = None, resume: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -144,7 +163,6 @@ def run_trial(
         train = NTStream(mix, cfg.context_length, cfg.seed, cfg.holdout)
         sets = build_eval_sets(mix, cfg.context_length, cfg.seed, cfg.threshold, cfg.holdout, cfg.eval_sequences)
         record.update(sets.info())
-        names = [t.name for t in mix.members]
         limit = DIVERGENCE_FACTOR * math.log(mix.vocab_size)
         step = 0
         last: dict[str, Any] = {}
@@ -188,13 +206,7 @@ def run_trial(
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 misses = int(last.get("confirm_misses", 0))
                 last = {"step": step, "train_loss": loss_sum / loss_n, "lr": lr_at(step - 1, cfg)}
-                # Set A decides whether to look further; set B confirms a solve and gives the recorded numbers.
-                last.update(evaluate(model, sets.search, names, "search", device))
-                found = is_solved(last, names, cfg.threshold, "search")
-                if found or step == cfg.max_steps:
-                    last.update(evaluate(model, sets.confirm, names, "eval", device))
-                last["solved"] = found and is_solved(last, names, cfg.threshold, "eval")
-                last["confirm_misses"] = misses + (found and not last["solved"])  # A said solved, B did not
+                last.update(evaluate_point(model, sets, mix, cfg, step, device, misses))
                 last.update(elapsed())
                 loss_sum, loss_n = 0.0, 0
                 if on_eval is not None:

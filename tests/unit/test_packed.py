@@ -28,9 +28,10 @@ SHAPE = TrialConfig(
     eval_sequences=128,
     device="cpu",
 )
-# Two solved fast, one unsolved within the budget; two vocabularies (7 and 13: padding and logit masks).
+# Two solved fast, one unsolved within the budget; three vocabularies (5, 7 and 13: padding and logit masks).
+# (Generator nt-3 judges N7_T2 on all 343 sequences: seed 0 at lr 3e-3 reaches 0.926 there, so N5_T1.)
 MEMBERS = [
-    replace(SHAPE, task=[[7, 2]], seed=0, lr=3e-3),
+    replace(SHAPE, task=[[5, 1]], seed=0, lr=3e-3),
     replace(SHAPE, task=[[7, 2]], seed=1, lr=1e-2),
     replace(SHAPE, task=[[13, 4]], seed=0, lr=3e-3),
 ]
