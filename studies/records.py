@@ -57,6 +57,27 @@ class TrialRecord(BaseModel):
     def size_name(self) -> str:
         return f"d{self.d_model}_l{self.n_layers}_h{self.n_heads}"
 
+    @property
+    def pair_key(self) -> str:
+        return pair_key(self.size_name, self.point, self.lr, self.seed)
+
+    @property
+    def trial_key(self) -> str:
+        return trial_key(self.kind, self.size_name, self.point, self.lr, self.seed)
+
+
+def pair_key(size: str, point: str, lr: float, seed: int) -> str:
+    """What twins of different attention kinds share: model size, task point, learning rate, seed."""
+    return f"{size}/{point}/lr={lr:.6g}/seed={seed}"
+
+
+def trial_key(kind: str, size: str, point: str, lr: float, seed: int) -> str:
+    """One trial of a study, stable across resumes and re-runs (unlike Tune's trial id).
+
+    Two trials with the same key ran the same configuration: a re-run, never a second sample.
+    """
+    return f"{kind}/{pair_key(size, point, lr, seed)}"
+
 
 def read_records(path: str | Path) -> list[TrialRecord]:
     """Records of a trials file, one per trial id (the last line wins), in file order."""

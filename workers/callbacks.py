@@ -1,0 +1,172 @@
+"""The study's Tune callback: a trial record per finished trial, the status file and the progress bar.
+
+MLflow goes through :mod:`workers.tracking`; this callback only tells the tracker when.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from studies.records import OUTCOMES, TrialRecord, append_record, read_records
+from studies.settings import Settings
+from studies.spec import StudySpec
+from studies.status import update_status
+from workers.tracking import StudyTracker
+from workers.trial import TrialConfig
+
+
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """The resolved trial config from a Tune config (``cell`` varies, ``fixed`` does not)."""
+    cell, fixed = config["cell"], config["fixed"]
+    return TrialConfig(
+        attention=cell["kind"],
+        task=cell["members"],
+        d_model=cell["size"]["d_model"],
+        n_layers=cell["size"]["n_layers"],
+        n_heads=cell["size"]["n_heads"],
+        lr=cell["lr"],
+        seed=cell["seed"],
+        **fixed,
+    )
+
+
+def classify_error(trial: Trial) -> str:
+    """Why an errored trial has no outcome: ``oom``, ``preempted`` or ``failed``."""
+    text = str(getattr(trial, "error_msg", "") or "")
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        text += Path(path).read_text(errors="replace")
+    if "OutOfMemoryError" in text or "MemoryError" in text:
+        return "oom"
+    if any(s in text for s in ("NodeDiedError", "ActorDiedError", "RayActorError", "node", "preempt")):
+        return "preempted"
+    return "failed"
+
+
+def frontier_summary(spec: StudySpec, records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
+    """Best solved coordinates so far per kind and size (a quick view for progress)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.status == "solved":
+            cur = out.setdefault(r.kind, {}).get(r.size_name)
+            if cur is None or sum(r.coords) > sum(cur["coords"]):
+                out[r.kind][r.size_name] = {"coords": r.coords, "point": r.point}
+    return out
+
+
+def _short(records: list[TrialRecord], spec: StudySpec) -> str:
+    s = frontier_summary(spec, records)
+    return " ".join(
+        f"{k}:{max((sum(v['coords']) for v in s[k].values()), default=-1)}" for k in spec.attention if k in s
+    )
+
+
+class StudyCallback(Callback):
+    """Writes trial records, status and progress, and tells the tracker about every trial.
+
+    Picklable (Tune stores it with the experiment): the progress bar is made lazily.
+    """
+
+    def __init__(
+        self, study_id: str, spec: StudySpec, settings: Settings, tracker: StudyTracker, progress: bool = False
+    ) -> None:
+        self.study_id, self.spec, self.progress, self.tracker = study_id, spec, progress, tracker
+        self.study_dir = settings.study_dir(study_id)
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_bar": None}
+
+    def _run(self, trial: Trial) -> str:
+        return self.tracker.trial_run(trial.trial_id, trial.config["cell"], asdict(trial_config(trial.config)))
+
+    # Tune hooks ---------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._run(trial)
+        self._refresh(trials)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        if not result.get("final"):
+            self.tracker.log_progress(self._run(trial), result)
+        self._refresh(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        result = trial.last_result or {}
+        status = result.get("status", "failed") if result.get("final") else "stopped"
+        self._finish(trial, status, result, result.get("error"))
+        self._refresh(trials)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        error = str(getattr(trial, "error_msg", "") or "")[:2000]
+        self._finish(trial, classify_error(trial), trial.last_result or {}, error)
+        self._refresh(trials)
+
+    def _finish(self, trial: Trial, status: str, result: dict[str, Any], error: str | None) -> None:
+        cell = trial.config["cell"]
+        acc = {k[4:]: v for k, v in result.items() if k.startswith("acc_")}
+        rec = TrialRecord(
+            study_id=self.study_id,
+            trial_id=trial.trial_id,
+            kind=cell["kind"],
+            **cell["size"],
+            n_params=result.get("n_params"),
+            point=cell["point"],
+            coords=cell["coords"],
+            seed=cell["seed"],
+            lr=cell["lr"],
+            status=status,  # type: ignore[arg-type]
+            eval_acc=result.get("eval_acc"),
+            acc_per_task=acc,
+            eval_loss=result.get("eval_loss"),
+            eval_acc_lo=result.get("eval_acc_lo"),
+            eval_acc_hi=result.get("eval_acc_hi"),
+            eval_pool=result.get("eval_pool"),
+            eval_exhaustive=result.get("eval_exhaustive"),
+            search_acc=result.get("search_acc"),
+            eval_tokens=None if result.get("eval_tokens") is None else int(result["eval_tokens"]),
+            config=asdict(trial_config(trial.config)),
+            steps=int(result.get("steps", result.get("step", 0)) or 0),
+            steps_to_solve=result.get("steps_to_solve"),
+            wall_s=float(result.get("wall_s", 0.0) or 0.0),
+            cpu_s=float(result.get("cpu_s", 0.0) or 0.0),
+            gpu_s=float(result.get("gpu_s", 0.0) or 0.0),
+            node_id=result.get("node_id"),
+            mlflow_run_id=self._run(trial),
+            error=error,
+        )
+        append_record(self.study_dir / "trials.jsonl", rec)
+        self.tracker.finish(rec)
+
+    def _refresh(self, trials: list[Trial]) -> None:
+        records = read_records(self.study_dir / "trials.jsonl")
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        running = sum(1 for t in trials if t.status == Trial.RUNNING)
+        update_status(
+            self.study_dir,
+            counts=counts,
+            done=len(records),
+            running=running,
+            frontier=frontier_summary(self.spec, records),
+        )
+        if self.progress:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.spec.planned_trials(), unit="trial", dynamic_ncols=True)
+            self._bar.n = len(records)
+            bad = sum(v for k, v in counts.items() if k not in OUTCOMES)
+            self._bar.set_postfix_str(f"running={running} failed={bad} frontier={_short(records, self.spec)}")
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

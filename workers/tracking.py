@@ -1,0 +1,192 @@
+"""MLflow tracking of a study: one experiment and parent run per study, one child run per trial.
+
+Everything Ladder says to MLflow goes through this module (like Ray's
+``air/integrations/mlflow.py``). The driver is the only MLflow writer of its study, so the
+SQLite store works on one machine. A trial's child run is found again by its trial key
+(tag ``ladder.trial_key``) before one is created, so a resumed or re-run trial never gets
+a second run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from studies.records import OUTCOMES, TrialRecord, trial_key
+from studies.spec import StudySpec
+from workers.provenance import generator_version, git_sha, versions
+
+STUDY_ROLE = "study"
+PROGRESS_METRICS = ("eval_acc", "eval_loss", "search_acc", "search_loss", "train_loss", "lr", "wall_s", "cpu_s")
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _metrics(values: dict[str, Any], step: int) -> list[Any]:
+    """MLflow metrics of the finite numbers in ``values`` (None, NaN and inf are left out)."""
+    from mlflow.entities import Metric
+
+    now = _now_ms()
+    return [
+        Metric(k, float(v), now, step)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    ]
+
+
+def size_name(cell: dict[str, Any]) -> str:
+    s = cell["size"]
+    return f"d{s['d_model']}_l{s['n_layers']}_h{s['n_heads']}"
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    """The trial key of a Tune config's cell (see :func:`studies.records.trial_key`)."""
+    return trial_key(cell["kind"], size_name(cell), cell["point"], cell["lr"], cell["seed"])
+
+
+def provenance_tags() -> dict[str, str]:
+    return {"git_sha": git_sha()} | {f"version.{k}": v for k, v in versions().items()}
+
+
+# --- the study: experiment and parent run -----------------------------------------------
+
+
+def ensure_study_run(tracking_uri: str, study_id: str, spec: StudySpec) -> dict[str, str]:
+    """The study's experiment and parent run, created once and found again by tag on resume.
+
+    Returns:
+        ``experiment_id``, ``run_id`` and ``tracking_uri`` (what the driver keeps in the status file).
+    """
+    client = _client(tracking_uri)
+    name = f"ladder/{study_id}"
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, tags={"ladder.study_id": study_id})
+    found = client.search_runs([exp_id], filter_string=f"tags.`ladder.role` = '{STUDY_ROLE}'")
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {"ladder.study_id": study_id, "ladder.role": STUDY_ROLE} | provenance_tags()
+        run_id = client.create_run(exp_id, tags=tags, run_name=f"study {spec.name}").info.run_id
+        client.log_param(run_id, "search", spec.search.method)
+        client.log_param(run_id, "attention", ",".join(spec.attention))
+        client.log_param(run_id, "planned_trials", spec.planned_trials())
+        client.log_text(run_id, spec.to_json(), "spec.json")
+    return {"experiment_id": exp_id, "run_id": run_id, "tracking_uri": tracking_uri}
+
+
+def finish_study_run(tracking_uri: str, run_id: str, state: str) -> None:
+    """Close the parent run with the study's final state."""
+    status = {"finished": "FINISHED", "cancelled": "KILLED"}.get(state, "FAILED")
+    _client(tracking_uri).set_terminated(run_id, status)
+
+
+def log_report(tracking_uri: str, run_id: str, report_dir: Path) -> None:
+    """Attach the report directory to the parent run under ``report/``."""
+    _client(tracking_uri).log_artifacts(run_id, str(report_dir), "report")
+
+
+# --- trials: child runs --------------------------------------------------------------------
+
+
+class StudyTracker:
+    """Child runs of one study's trials. Picklable (Tune stores its callbacks): the client is lazy.
+
+    Args:
+        study_id: the Ladder study.
+        parent: what :func:`ensure_study_run` returned.
+    """
+
+    def __init__(self, study_id: str, parent: dict[str, str]) -> None:
+        self.study_id = study_id
+        self.tracking_uri = parent["tracking_uri"]
+        self.experiment_id = parent["experiment_id"]
+        self.parent_run_id = parent["run_id"]
+        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_client": None}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _client(self.tracking_uri)
+        return self._client
+
+    def trial_run(self, trial_id: str, cell: dict[str, Any], params: dict[str, Any]) -> str:
+        """The child run of a trial: cached, else found by trial key, else created with tags and params.
+
+        Args:
+            trial_id: Tune's trial id (tagged ``ladder.trial_id``; updated when a run is found again).
+            cell: the trial's cell (kind, size, point, lr, seed, coords).
+            params: the resolved trial config, logged as parameters.
+        """
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        key = cell_key(cell)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`ladder.trial_key` = '{key}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].data.tags.get("ladder.trial_id") != trial_id:
+                self.client.set_tag(run_id, "ladder.trial_id", trial_id)
+        else:
+            run_id = self._create(trial_id, key, cell, params)
+        self.runs[trial_id] = run_id
+        return run_id
+
+    def _create(self, trial_id: str, key: str, cell: dict[str, Any], params: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        size = size_name(cell)
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "ladder.study_id": self.study_id,
+            "ladder.trial_id": trial_id,
+            "ladder.trial_key": key,
+            "kind": cell["kind"],
+            "point": cell["point"],
+            "size": size,
+            "seed": str(cell["seed"]),
+            "status": "running",
+            "generator_version": generator_version(),
+        } | provenance_tags()
+        name = f"{cell['kind']} {size} {cell['point']} lr={cell['lr']:.2g} s{cell['seed']}"
+        run_id: str = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        logged = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in params.items()]
+        self.client.log_batch(run_id, params=[*logged, Param("coords", json.dumps(cell["coords"]))])
+        return run_id
+
+    def log_progress(self, run_id: str, result: dict[str, Any]) -> None:
+        """Metrics of one evaluation (a Tune result) at its training step."""
+        values = {k: v for k, v in result.items() if k in PROGRESS_METRICS or k.startswith("acc_")}
+        metrics = _metrics(values, int(result.get("step", 0)))
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def finish(self, record: TrialRecord) -> None:
+        """Final metrics and status of a recorded trial; the run ends FINISHED for an outcome, else FAILED."""
+        from mlflow.entities import RunTag
+
+        run_id = record.mlflow_run_id
+        if run_id is None:
+            raise ValueError(f"record of trial {record.trial_id} has no MLflow run id to finish")
+        finals = {"final_eval_acc": record.eval_acc, "cpu_s": record.cpu_s, "gpu_s": record.gpu_s}
+        finals |= {"n_params": record.n_params, "steps_to_solve": record.steps_to_solve}
+        tags = [RunTag("status", record.status), RunTag("node_id", str(record.node_id))]
+        if record.error:
+            tags.append(RunTag("error", record.error[:4000]))
+        self.client.log_batch(run_id, metrics=_metrics(finals, record.steps), tags=tags)
+        self.client.set_terminated(run_id, "FINISHED" if record.status in OUTCOMES else "FAILED")
