@@ -37,7 +37,7 @@ from studies.spec import StudySpec, json_schema
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("frontier.png", "frontier.svg", "solved_map.png", "accuracy.png")
+PLOTS = ("frontier.png", "frontier.svg", "solved_map.png", "accuracy.png", "budget.png")
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 422, 429)}
 LAUNCH_ERRORS = ERRORS | {503: {"model": ErrorBody, "description": "the driver could not be launched"}}
 EXAMPLE_SPEC = {
@@ -582,7 +582,7 @@ def _routes(app: FastAPI) -> None:
         tags=["results"],
     )
     def plot(_: Reader, study: StudyDep, settings: SettingsDep, name: str) -> FileResponse:
-        """A report plot: frontier.png, frontier.svg, solved_map.png or accuracy.png."""
+        """A report plot: frontier.png, frontier.svg, solved_map.png, accuracy.png or budget.png."""
         if name not in PLOTS:
             raise api_error(404, ["path", "name"], f"no plot {name!r}; plots: {', '.join(PLOTS)}", "not_found")
         out = _ensure_report(study, settings)

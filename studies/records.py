@@ -47,7 +47,8 @@ class TrialRecord(BaseModel):
     steps_to_solve: int | None = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    gpu_s: float = 0.0
+    gpu_s: float = 0.0  # wall time on a device
+    gpu_share: float | None = None  # share of one device held (resources.gpu, or a pack's share of it)
     node_id: str | None = None
     mlflow_run_id: str | None = None
     error: str | None = None

@@ -1,19 +1,20 @@
 """Plots and a self-contained HTML page for a capacity-frontier report.
 
-Figures use matplotlib's object API (no pyplot state, Agg rendering); the HTML embeds
-them as base64 PNG and needs no network, script or external stylesheet.
+Figures use matplotlib's object API (no pyplot state, Agg rendering); the page is a Jinja2
+template (``templates/report.html.j2``, autoescaped) that embeds them as base64 PNG and
+needs no network, script or external stylesheet.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
@@ -27,11 +28,12 @@ from studies.report import (
     Cell,
     Compute,
     KindCompute,
-    Margin,
     Report,
+    SizeInfo,
     build_report,
     format_params,
     frontier_table,
+    frontier_text,
     report_json,
 )
 from studies.spec import StudySpec
@@ -39,6 +41,7 @@ from studies.spec import StudySpec
 CMAP = "RdYlGn"  # success rate: red 0 .. green 1
 UNKNOWN_STYLE: dict[str, Any] = {"facecolor": "#e6e6e6", "hatch": "//", "edgecolor": "#9a9a9a"}
 NO_OUTCOME_STYLE: dict[str, Any] = {"facecolor": "#b8b8b8", "hatch": "xx", "edgecolor": "#6e6e6e"}
+UNDETERMINED_EDGE = "#d08c00"  # amber frame and "?" mark: more seeds needed
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DPI = 110
 
@@ -57,41 +60,63 @@ def _size_label(report: Report, name: str) -> str:
 
 
 def _criterion(report: Report) -> str:
-    return f"solved: ≥{report.min_success_rate:.0%} of seeds reach eval accuracy ≥ {report.threshold:g}"
+    return (
+        f"solved: success rate (seeds reaching eval accuracy ≥ {report.threshold:g}) above {report.solved_at:g} "
+        f"with {report.confidence:.0%} confidence (Wilson); unsolved: below it; otherwise undetermined"
+    )
 
 
 # --- figures -----------------------------------------------------------------------------
 
 
+def _rung_ticks(ax: Axes, report: Report) -> None:
+    n = len(report.points)
+    ax.set_yticks(range(-1, n), ["none solved"] + [f"{p.coords[0]}: {p.name}" for p in report.points], fontsize=8)
+    ax.set_ylim(-1.5, n - 0.5)
+
+
 def frontier_figure(report: Report) -> Figure:
-    """Model size (parameters, log) vs highest solved rung (ladder) or solved points (grid)."""
+    """Model size (parameters, log) vs the frontier: a marker at the highest rung certainly solved and
+    a bar up to the highest possibly solved (ladder), or solved points with undetermined ones (grid)."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.add_subplot()
     sizes = report.sizes
     xs = [s.n_params for s in sizes]
+    n_kinds = len(report.kinds)
     for i, kind in enumerate(report.kinds):
-        ys = []
+        shift = 1.06 ** (i - (n_kinds - 1) / 2)  # kinds side by side, so intervals do not hide each other
+        ys, tops, open_ = [], [], []
         for s in sizes:
             f = report.frontier_of(kind, s.name)
-            if f.n_solved == 0 and f.n_unsolved == 0:
-                ys.append(math.nan)  # nothing decided at this size
+            if f.n_solved + f.n_unsolved + f.n_undetermined == 0:
+                ys.append(math.nan)  # nothing with an outcome at this size
+                tops.append(math.nan)
             elif report.is_ladder:
                 ys.append(-1 if f.highest_rung is None else f.highest_rung)
+                tops.append(-1 if f.highest_possible_rung is None else f.highest_possible_rung)
             else:
                 ys.append(f.n_solved)
-        big = i == 0
-        ax.plot(
-            xs,
-            ys,
-            marker=MARKERS[i % len(MARKERS)],
-            markersize=13 if big else 7,
-            markerfacecolor="none" if big else _kind_color(i),
-            markeredgewidth=2.2 if big else 1.0,
-            linewidth=2.2 if big else 1.6,
-            linestyle="-" if big else "--",
-            color=_kind_color(i),
-            label=kind,
-        )
+                tops.append(f.n_solved + f.n_undetermined)
+            open_.append(not f.determined)
+        x = [v * shift for v in xs]
+        color = _kind_color(i)
+        marker = MARKERS[i % len(MARKERS)]
+        ax.plot(x, ys, color=color, linestyle="-" if i == 0 else "--", linewidth=1.8, label=kind)
+        for xi, y, top, hollow in zip(x, ys, tops, open_, strict=True):
+            if math.isnan(y):
+                continue
+            if top > y:
+                ax.vlines(xi, y, top, color=color, linewidth=5, alpha=0.35)
+                ax.plot([xi], [top], marker="_", markersize=14, color=color)
+            ax.plot(
+                [xi],
+                [y],
+                marker=marker,
+                markersize=10,
+                color=color,
+                markerfacecolor="white" if hollow else color,
+                markeredgewidth=2,
+            )
     ax.set_xscale("log")
     ax.minorticks_off()
     ticks: dict[int, list[str]] = {}
@@ -101,20 +126,62 @@ def frontier_figure(report: Report) -> Figure:
     lo, hi = min(xs), max(xs)
     ax.set_xlim(lo / 1.5, hi * 1.5)
     ax.set_xlabel("model size (trainable parameters, log scale)")
+    note = "marker: certainly solved (hollow: not determined); bar: up to possibly solved"
     if report.is_ladder:
-        n = len(report.points)
-        ax.set_yticks(range(-1, n), ["none solved"] + [f"{p.coords[0]}: {p.name}" for p in report.points], fontsize=8)
-        ax.set_ylim(-1.5, n - 0.5)
-        ax.set_ylabel("highest solved rung (index: task point)")
-        ax.set_title(f"Capacity frontier of {report.study}: highest rung solved per model size\n{_criterion(report)}")
+        _rung_ticks(ax, report)
+        ax.set_ylabel("highest rung solved (index: task point)")
+        ax.set_title(f"Capacity frontier of {report.study} per model size\n{note}", fontsize=10)
     else:
         n = len(report.points)
         ax.set_ylim(-0.5, n + 0.5)
         ax.set_yticks(range(0, n + 1, max(1, math.ceil(n / 12))))
         ax.set_ylabel(f"solved task points (of {n} on the N x T grid)")
-        ax.set_title(f"Capacity frontier of {report.study}: solved grid points per model size\n{_criterion(report)}")
+        ax.set_title(f"Capacity frontier of {report.study}: solved grid points per model size\n{note}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(title="attention kind", loc="best")
+    return fig
+
+
+def _size_panels(report: Report, panel_width: float, panel_height: float) -> tuple[Figure, list[Axes]]:
+    """One panel per model size, up to three a row; panels past the last size hidden."""
+    n = len(report.sizes)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(min(20.0, 1.5 + panel_width * ncols), 0.7 + panel_height * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _size_title(ax: Axes, s: SizeInfo) -> None:
+    ax.set_title(f"d{s.d_model} L{s.n_layers} H{s.n_heads} ({format_params(s.n_params)} params)", fontsize=10)
+
+
+def budget_figure(report: Report) -> Figure:
+    """The frontier had training stopped after b steps, per model size: certain (line) to possible (band)."""
+    fig, axes = _size_panels(report, 4.6, 3.4)
+    for ax, s in zip(axes, report.sizes, strict=True):
+        for i, kind in enumerate(report.kinds):
+            rows = [b for b in report.budget_curve if (b.kind, b.size) == (kind, s.name)]
+            xs = [b.budget for b in rows]
+            if report.is_ladder:
+                lo = [-1 if b.highest_rung is None else b.highest_rung for b in rows]
+                hi = [-1 if b.highest_possible_rung is None else b.highest_possible_rung for b in rows]
+            else:
+                lo = [b.n_solved for b in rows]
+                hi = [b.n_solved + b.n_undetermined for b in rows]
+            color = _kind_color(i)
+            ax.step(xs, lo, where="post", color=color, linestyle="-" if i == 0 else "--", label=f"{kind} certain")
+            ax.fill_between(xs, lo, hi, step="post", color=color, alpha=0.18, label=f"{kind} possible")
+        if report.is_ladder:
+            _rung_ticks(ax, report)
+        ax.set_xlabel("training budget (steps)")
+        ax.set_ylabel("highest rung solved" if report.is_ladder else "solved points")
+        _size_title(ax, s)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Frontier against training budget, {report.study} (from steps-to-solve)", fontsize=11)
     return fig
 
 
@@ -127,10 +194,14 @@ def _draw_cell(ax: Axes, x: float, y: float, cell: Cell, on_frontier: bool, norm
         ax.text(x, y, f"no outcome\n({cell.n_trials} runs)", ha="center", va="center", fontsize=fontsize * 0.9)
     else:
         rate = cell.success_rate or 0.0
-        rgba = colormaps[CMAP](norm(rate))
+        rgba = colormaps[CMAP](norm(rate), alpha=1.0 if cell.state in ("solved", "unsolved") else 0.35)
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=rgba, edgecolor="white", linewidth=1))
-        dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-        mark = "✓" if cell.state == "solved" else "✗"
+        if cell.state == "undetermined":  # pale, framed: the colour is a rate, not a decision
+            ax.add_patch(
+                Rectangle((x - 0.42, y - 0.42), 0.84, 0.84, fill=False, edgecolor=UNDETERMINED_EDGE, linewidth=2.5)
+            )
+        dark = rgba[3] == 1.0 and 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+        mark = {"solved": "✓", "unsolved": "✗"}.get(cell.state, "?")
         ax.text(
             x,
             y,
@@ -148,7 +219,8 @@ def _legend_handles() -> list[Any]:
     return [
         Patch(label="not run (unknown)", linewidth=0.5, **UNKNOWN_STYLE),
         Patch(label="no outcome (failed / diverged / oom / preempted)", linewidth=0.5, **NO_OUTCOME_STYLE),
-        Patch(label="frontier (hardest solved)", fill=False, edgecolor="black", linewidth=2.5),
+        Patch(label="? undetermined (more seeds needed)", fill=False, edgecolor=UNDETERMINED_EDGE, linewidth=2.5),
+        Patch(label="frontier (hardest certainly solved)", fill=False, edgecolor="black", linewidth=2.5),
     ]
 
 
@@ -204,22 +276,21 @@ def solved_map_figure(report: Report) -> Figure:
                 title = f"{kind} · d{s.d_model} L{s.n_layers} H{s.n_heads} ({format_params(s.n_params)})"
                 ax.set_title(title, fontsize=9, fontweight="bold")
     fig.colorbar(ScalarMappable(norm=norm, cmap=CMAP), ax=fig.axes, label="success rate over seeds", shrink=0.9)
-    fig.legend(handles=_legend_handles(), loc="outside lower center", ncols=3, fontsize=8, frameon=False)
-    fig.suptitle(f"Solved map of {report.study} — cell text: solved seeds / seeds with an outcome", fontsize=11)
+    fig.legend(handles=_legend_handles(), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Solved map of {report.study} — ✓ solved, ✗ unsolved, ? undetermined: solved seeds / scored seeds",
+        fontsize=11,
+    )
     return fig
 
 
 def accuracy_figure(report: Report) -> Figure:
     """Best held-out accuracy vs task complexity, one panel per model size, one line per kind."""
     cells = _cells(report)
-    n = len(report.sizes)
-    ncols = min(3, n)
-    nrows = math.ceil(n / ncols)
     n_pts = len(report.points)
-    fig = Figure(figsize=(min(20.0, 1.5 + ncols * max(4.0, 0.45 * n_pts)), 0.6 + 3.6 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _size_panels(report, max(4.0, 0.45 * n_pts), 3.6)
     xs = list(range(n_pts))
-    for ax, s in zip(axes, report.sizes, strict=False):
+    for ax, s in zip(axes, report.sizes, strict=True):
         for i, kind in enumerate(report.kinds):
             ys = [cells[(kind, s.name, p.name)].best_acc for p in report.points]
             ax.plot(
@@ -235,12 +306,10 @@ def accuracy_figure(report: Report) -> Figure:
         ax.set_xlim(-0.5, n_pts - 0.5)
         labels = [f"{p.coords[0]}: {p.name}" if report.is_ladder else p.name for p in report.points]
         ax.set_xticks(xs, labels, rotation=40 if n_pts > 4 or not report.is_ladder else 0, ha="right", fontsize=7)
-        ax.set_title(f"d{s.d_model} L{s.n_layers} H{s.n_heads} ({format_params(s.n_params)} params)", fontsize=10)
+        _size_title(ax, s)
         ax.set_xlabel("rung (easiest → hardest)" if report.is_ladder else "task point (N-major grid order)")
         ax.set_ylabel("best eval accuracy (fraction)")
         ax.grid(True, alpha=0.3)
-    for ax in axes[n:]:
-        ax.set_visible(False)
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"Accuracy vs task complexity, {report.study} (best seed at each cell's chosen lr)", fontsize=11)
     return fig
@@ -256,177 +325,69 @@ def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
 
 # --- HTML -------------------------------------------------------------------------------
 
-_CSS = """
-body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 24px auto; max-width: 1220px; color: #222; }
-h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; border-bottom: 1px solid #ccc; margin-top: 28px; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }
-th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.solved { background: #c8e6c9; } .unsolved { background: #ffcdd2; }
-.no_outcome { background: #d5d5d5; } .unknown { background: #f2f2f2; color: #777; }
-img { max-width: 100%; border: 1px solid #eee; }
-pre { background: #f7f7f7; padding: 8px; font-size: 12px; overflow-x: auto; }
-.muted { color: #666; font-size: 13px; } .nw { white-space: nowrap; }
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
+_ENV = Environment(loader=PackageLoader("studies", "templates"), autoescape=True, undefined=StrictUndefined)
 
 
 def _num(x: float | None, fmt: str = ".3g") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def _table(head: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
-    out = ["<table><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr>"]
-    for i, row in enumerate(rows):
-        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    out.append("</table>")
-    return "".join(out)
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "–" if lo is None or hi is None else f"{lo:.2f} – {hi:.2f}"
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def _seeds_text(per_seed: dict[str, float]) -> str:
+    return ", ".join(f"s{k}: {v:+g}" for k, v in per_seed.items()) or "–"
 
 
-def _margin_cell(report: Report, m: Margin) -> str:
-    if report.is_ladder:
-        return "n/a" if m.rung_margin is None else f"{m.rung_margin:+d} rung"
-    return f"{m.solved_margin:+d} point(s)" if m.compared else "n/a"
-
-
-def _frontier_rows(report: Report) -> list[list[str]]:
+def _frontier_rows(report: Report) -> list[list[dict[str, str]]]:
     rows = []
     for s in report.sizes:
-        row = [_e(s.name), f"{s.n_params:,}", f"{s.d_model} / {s.n_layers} / {s.n_heads}"]
+        row = [
+            {"text": s.name, "cls": ""},
+            {"text": f"{s.n_params:,}", "cls": "num"},
+            {"text": f"{s.d_model} / {s.n_layers} / {s.n_heads}", "cls": ""},
+        ]
         for k in report.kinds:
             f = report.frontier_of(k, s.name)
-            if report.is_ladder:
-                row.append("none" if f.highest_rung is None else f"rung {f.highest_rung}: {_e(f.highest_rung_point)}")
-            else:
-                pts = ", ".join(_e(p.name) for p in f.points) or "none"
-                row.append(f"{f.n_solved} solved; frontier {pts}")
-        row += [_margin_cell(report, m) for m in report.margins if m.size == s.name]
+            cls = "solved" if f.determined else "undetermined"
+            row.append({"text": frontier_text(report, f), "cls": cls})
+        for p in report.paired_sizes:
+            if p.size == s.name:
+                ci = "" if p.ci_low is None else f" [{p.ci_low:+.2g}, {p.ci_high:+.2g}]"
+                text = "n/a" if p.mean_margin is None else f"{p.mean_margin:+.2g} {p.unit}{ci}, {p.n_seeds} seed(s)"
+                row.append({"text": text, "cls": ""})
         rows.append(row)
     return rows
 
 
-def _margin_rows(report: Report) -> list[list[str]]:
-    return [
-        [
-            _e(m.size),
-            f"{_e(m.kind)} vs {_e(m.reference)}",
-            str(m.compared),
-            _e(", ".join(m.only_kind) or "–"),
-            _e(", ".join(m.only_reference) or "–"),
-            _margin_cell(report, m),
-            _e(", ".join(m.beyond_kind) or "–"),
-            _e(", ".join(m.beyond_reference) or "–"),
-        ]
-        for m in report.margins
-    ]
-
-
-def _compute_rows(report: Report) -> list[list[str]]:
-    c = report.compute
-    rows = []
-    named: list[tuple[str, KindCompute | Compute]] = [*c.per_kind.items(), ("all records", c)]
-    for name, kc in named:
-        counts = kc.status_counts
-        rows.append(
-            [
-                _e(name),
-                str(kc.n_trials),
-                f"{kc.cpu_s:,.1f}",
-                f"{kc.gpu_s:,.1f}",
-                f"{kc.wall_s:,.1f}",
-                *(str(counts.get(s, 0)) for s in ALL_STATUSES),
-            ]
-        )
-    return rows
-
-
-def _cell_rows(report: Report) -> tuple[list[list[str]], list[str]]:
-    rows: list[list[str]] = []
-    classes: list[str] = []
-    for c in report.cells:
-        ci = "–" if c.ci_low is None else f'<span class="nw">{c.ci_low:.2f}–{c.ci_high:.2f}</span>'
-        rows.append(
-            [
-                _e(c.kind),
-                _e(c.size),
-                _e(c.point),
-                _e(c.state),
-                _num(c.lr),
-                f"{c.successes}/{c.n_outcomes}",
-                _num(c.success_rate, ".2f"),
-                ci,
-                _num(c.best_acc, ".4f"),
-                _num(c.median_steps_to_solve, ".0f"),
-                str(c.n_trials),
-                f"{c.failed}/{c.diverged}/{c.oom}/{c.preempted}/{c.stopped}",
-                f"{c.cpu_s:,.1f}",
-                f"{c.gpu_s:,.1f}",
-            ]
-        )
-        classes.append(c.state)
-    return rows, classes
-
-
 def report_html(report: Report, images: dict[str, bytes]) -> str:
-    """The report page; ``images`` maps frontier / solved_map / accuracy to PNG bytes."""
-    pairs = [f"{m.kind} − {m.reference}" for m in report.margins if m.size == report.sizes[0].name]
-    frontier_head = ["size", "params", "d_model / layers / heads", *report.kinds, *pairs]
-    margin_head = ["size", "pair", "points compared", "solved only by kind", "solved only by reference"]
-    margin_head += [
-        "margin (highest rung)" if report.is_ladder else "margin (net solved points)",
-        "kind's frontier beyond reference",
-        "reference's frontier beyond kind",
-    ]
-    compute_head = ["kind", "trials", "CPU s", "GPU s", "wall s", *ALL_STATUSES]
-    cell_head = ["kind", "size", "point", "state", "lr", "solved/outcomes", "rate", "95% CI (Wilson)"]
-    cell_head += ["best acc", "median steps to solve", "trials", "failed/diverged/oom/preempted/stopped"]
-    cell_head += ["CPU s", "GPU s"]
-    cell_rows, cell_classes = _cell_rows(report)
+    """The report page; ``images`` maps frontier / solved_map / accuracy / budget to PNG bytes."""
     c = report.compute
-    summary = (
-        f"Kinds: {_e(', '.join(report.kinds))} (reference {_e(report.reference)}). "
-        f"{len(report.sizes)} model sizes, {len(report.points)} task points ({_e(' x '.join(report.axes))}), "
-        f"seeds {_e(report.spec.get('seeds'))}. {_e(_criterion(report))}. "
-        f"{c.n_trials} trial records, {c.cpu_s:,.0f} CPU-s, {c.gpu_s:,.0f} GPU-s."
+    named: list[tuple[str, KindCompute | Compute]] = [*c.per_kind.items(), ("all records", c)]
+    legend = (
+        "Per kind and size: the highest rung certainly solved when determined (the rung above is certainly "
+        "unsolved); otherwise [certainly solved, possibly solved], ‘?’ when the top is not settled; ‘!’ when a "
+        "rung below is not solved."
+        if report.is_ladder
+        else "Per kind and size: solved points, and undetermined points that more seeds could settle."
     )
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Ladder report: {_e(report.study)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Ladder capacity-frontier report: {_e(report.study)}</h1>",
-        f'<p class="muted">{summary}</p>',
-        "<h2>Frontier</h2>",
-        _table(frontier_head, _frontier_rows(report)),
-        _img(images["frontier"], "capacity frontier: model size vs highest solved complexity"),
-        "<h2>Solved map</h2>",
-        _img(images["solved_map"], "solved map: success rate per cell"),
-        "<h2>Margins between kinds</h2>",
-        _table(margin_head, _margin_rows(report)),
-        "<h2>Accuracy vs complexity</h2>",
-        _img(images["accuracy"], "best eval accuracy vs task complexity"),
-        "<h2>Compute</h2>",
-        _table(compute_head, _compute_rows(report)),
-        f'<p class="muted">{c.records_outside_spec} record(s) outside the spec are counted only in "all records".</p>',
-        "<h2>Cells</h2>",
-        _table(cell_head, cell_rows, cell_classes),
-        "<h2>Frontier (text)</h2>",
-        f"<pre>{_e(frontier_table(report))}</pre>",
-        "<h2>Spec</h2>",
-        f"<pre>{_e(json.dumps(report.spec, indent=2, sort_keys=True))}</pre>",
-        "<h2>Provenance</h2>",
-        f"<pre>{_e(json.dumps(report.provenance, indent=2, sort_keys=True, default=str))}</pre>",
-        f'<p class="muted">report_version {report.report_version}</p>',
-        "</body></html>",
-    ]
-    return "\n".join(parts) + "\n"
+    return _ENV.get_template("report.html.j2").render(
+        r=report,
+        criterion=_criterion(report),
+        frontier_legend=legend,
+        pair_names=[f"{p.kind} − {p.reference}" for p in report.paired_sizes if p.size == report.sizes[0].name],
+        frontier_rows=_frontier_rows(report),
+        images={k: base64.b64encode(v).decode() for k, v in images.items()},
+        statuses=ALL_STATUSES,
+        compute_rows=named,
+        text=frontier_table(report),
+        spec_json=json.dumps(report.spec, indent=2, sort_keys=True),
+        provenance_json=json.dumps(report.provenance, indent=2, sort_keys=True, default=str),
+        num=_num,
+        interval=_interval,
+        fmt_seeds=_seeds_text,
+    )
 
 
 def write_report(
@@ -438,7 +399,7 @@ def write_report(
     """Build the report and write it under ``out_dir``.
 
     Writes report.json, report.html (self-contained), frontier.txt, frontier.png,
-    frontier.svg, solved_map.png and accuracy.png.
+    frontier.svg, solved_map.png, accuracy.png and budget.png.
 
     Returns:
         The report that was written.
@@ -453,6 +414,7 @@ def write_report(
         "frontier": figure_bytes(front),
         "solved_map": figure_bytes(solved_map_figure(report)),
         "accuracy": figure_bytes(accuracy_figure(report)),
+        "budget": figure_bytes(budget_figure(report)),
     }
     (out / "frontier.svg").write_bytes(figure_bytes(front, "svg"))
     for name, png in images.items():

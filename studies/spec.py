@@ -63,6 +63,11 @@ class ModelAxes(_Strict):
     d_model: list[PosInt] | None = None
     n_layers: list[PosInt] | None = None
     n_heads: list[PosInt] | None = None
+    monotone_in_size: bool = Field(
+        default=False,
+        description="a bigger model should not solve less: the report fits P(solved) monotone in size too "
+        "(violations are findings either way)",
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> ModelAxes:
@@ -190,6 +195,11 @@ class FloatParam(_Strict):
 
 class HyperParams(_Strict):
     lr: FloatParam = FloatParam(values=[3e-3])
+    selection_seeds: PosInt = Field(
+        default=1,
+        description="with several lr values, the first this-many seeds choose each cell's lr and the other seeds "
+        "score it, so the choice never inflates the success rate (too few seeds: the first lr is used)",
+    )
 
 
 class Training(_Strict):

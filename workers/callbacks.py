@@ -136,6 +136,7 @@ class StudyCallback(Callback):
             wall_s=float(result.get("wall_s", 0.0) or 0.0),
             cpu_s=float(result.get("cpu_s", 0.0) or 0.0),
             gpu_s=float(result.get("gpu_s", 0.0) or 0.0),
+            gpu_share=float(result.get("gpu_share", self.spec.resources.gpu)),
             node_id=result.get("node_id"),
             mlflow_run_id=self._run(trial),
             error=error,

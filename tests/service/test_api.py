@@ -790,7 +790,7 @@ def test_frontier_json(svc: Service, finished: str) -> None:
     r = svc.client.get(f"/studies/{finished}/frontier")
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     report = r.json()
-    assert report["report_version"] == 1
+    assert report["report_version"] == 2
     assert report["kinds"] == ["dpa", "ea"] and report["axes"] == ["rung"]
     assert {(c["kind"], c["point"]) for c in report["cells"]} == {
         (k, p) for k in ("dpa", "ea") for p in ("N7_T2", "N61_T6")
@@ -827,7 +827,7 @@ def test_results_of_a_study_without_trials(svc: Service) -> None:
     rows = list(csv.reader(io.StringIO(c.get(f"/studies/{sid}/trials", params={"format": "csv"}).text)))
     assert rows == [list(TrialRecord.model_fields)]
     report = c.get(f"/studies/{sid}/frontier").json()
-    assert report["report_version"] == 1 and report["compute"]["n_trials"] == 0
+    assert report["report_version"] == 2 and report["compute"]["n_trials"] == 0
     assert all(cell["n_trials"] == 0 for cell in report["cells"])
     assert c.get(f"/studies/{sid}/report").status_code == 200
     png = c.get(f"/studies/{sid}/plots/frontier.png")

@@ -1,0 +1,138 @@
+"""Statistics behind the report's decisions: intervals, three-state calls, monotone fits, paired tests.
+
+Pure functions over counts and arrays (scipy for the exact parts), so the report and the
+search make the same call from the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import isotonic_regression
+from scipy.stats import binomtest
+
+CONFIDENCE = 0.95  # two-sided, for every interval and decision
+SOLVED_AT = 0.5  # a cell is solved when its success rate is above this with confidence
+ALPHA = 0.05  # paired tests: a difference is detected at p < ALPHA (Holm-adjusted across kind pairs)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: equal records give equal reports
+
+Decision = Literal["solved", "unsolved", "undetermined"]
+
+
+@lru_cache(maxsize=4096)  # scipy computes a p-value too: slow, and reports ask for the same counts often
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (scipy's ``binomtest(...).proportion_ci``).
+
+    Raises:
+        ValueError: if ``n`` is not positive or ``successes`` is outside ``0..n``.
+    """
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got {successes=}, {n=}")
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
+
+
+def decide(successes: int, n: int) -> Decision:
+    """Solved if the lower bound of the success rate is above SOLVED_AT, unsolved if the upper bound is below."""
+    lo, hi = wilson_interval(successes, n)
+    if lo > SOLVED_AT:
+        return "solved"
+    if hi < SOLVED_AT:
+        return "unsolved"
+    return "undetermined"
+
+
+def seeds_to_decide(successes: int, n: int, max_extra: int = 64) -> int | None:
+    """Fewest extra outcomes that could settle an undetermined cell (all solved or all unsolved); 0 if decided."""
+    if n and decide(successes, n) != "undetermined":
+        return 0
+    for extra in range(1, max_extra + 1):
+        if decide(successes + extra, n + extra) == "solved" or decide(successes, n + extra) == "unsolved":
+            return extra
+    return None
+
+
+def monotone_fit(
+    rates: np.ndarray, weights: np.ndarray, in_rows: bool = True, in_cols: bool = False, iterations: int = 200
+) -> np.ndarray:
+    """Weighted least-squares fit of P(solved), non-increasing along rows (rungs) and, optionally, non-decreasing
+    down columns (bigger models, row index = size ascending).
+
+    ``rates`` and ``weights`` are (sizes, rungs) arrays; cells of weight 0 carry no data (their
+    fitted value interpolates their neighbours'). Two orders at once are fitted by Dykstra's
+    alternating projections, each a weighted isotonic (PAVA) regression.
+    """
+    x = np.asarray(rates, dtype=float).copy()
+    w = np.asarray(weights, dtype=float)
+    x[w == 0] = 0.5
+    w_safe = np.where(w > 0, w, 1e-9)
+
+    def pava(a: np.ndarray, wa: np.ndarray) -> np.ndarray:
+        return np.vstack([isotonic_regression(r, weights=wr, increasing=False).x for r, wr in zip(a, wa, strict=True)])
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return pava(a, w_safe)
+
+    def cols(a: np.ndarray) -> np.ndarray:  # non-decreasing down a column = non-increasing up it
+        return pava(a.T[:, ::-1], w_safe.T[:, ::-1])[:, ::-1].T
+
+    projections: list[Callable[[np.ndarray], np.ndarray]] = []
+    if in_rows:
+        projections.append(rows)
+    if in_cols:
+        projections.append(cols)
+    if not projections:
+        return x
+    if len(projections) == 1:
+        return projections[0](x)
+    increments = [np.zeros_like(x) for _ in projections]
+    for _ in range(iterations):
+        prev = x
+        for i, proj in enumerate(projections):
+            y = proj(x + increments[i])
+            increments[i] = x + increments[i] - y
+            x = y
+        if np.max(np.abs(x - prev)) < 1e-10:
+            break
+    return x
+
+
+@lru_cache(maxsize=4096)
+def exact_mcnemar(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (a sign test on the discordant pairs)."""
+    return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+
+
+def sign_test(differences: Sequence[float]) -> float:
+    """Two-sided exact sign test of paired differences (zeros dropped); 1.0 with no non-zero difference."""
+    pos = sum(d > 0 for d in differences)
+    neg = sum(d < 0 for d in differences)
+    return exact_mcnemar(pos, neg)
+
+
+def bootstrap_mean_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean over resampled units (seeds); None below two units."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return None
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = v[rng.integers(0, v.size, size=(BOOTSTRAP_RESAMPLES, v.size))].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given)."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
