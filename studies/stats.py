@@ -6,12 +6,12 @@ search make the same call from the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import isotonic_regression
+from scipy.optimize import isotonic_regression, minimize
 from scipy.stats import binomtest
 
 CONFIDENCE = 0.95  # two-sided, for every interval and decision
@@ -56,49 +56,49 @@ def seeds_to_decide(successes: int, n: int, max_extra: int = 64) -> int | None:
     return None
 
 
-def monotone_fit(
-    rates: np.ndarray, weights: np.ndarray, in_rows: bool = True, in_cols: bool = False, iterations: int = 200
-) -> np.ndarray:
-    """Weighted least-squares fit of P(solved), non-increasing along rows (rungs) and, optionally, non-decreasing
-    down columns (bigger models, row index = size ascending).
+def monotone_fit(rates: np.ndarray, weights: np.ndarray, in_rows: bool = True, in_cols: bool = False) -> np.ndarray:
+    """Weighted least-squares fit of P(solved), non-increasing along rows (rungs) and, optionally,
+    non-decreasing down columns (bigger models; row index = size, ascending).
 
-    ``rates`` and ``weights`` are (sizes, rungs) arrays; cells of weight 0 carry no data (their
-    fitted value interpolates their neighbours'). Two orders at once are fitted by Dykstra's
-    alternating projections, each a weighted isotonic (PAVA) regression.
+    ``rates`` and ``weights`` are (sizes, rungs) arrays; a cell of weight 0 carries no data and
+    takes a value its neighbours allow. One order is a weighted isotonic (PAVA) regression per
+    row or column; both at once are a small quadratic program (SLSQP, a few dozen cells).
     """
-    x = np.asarray(rates, dtype=float).copy()
+    y = np.asarray(rates, dtype=float)
     w = np.asarray(weights, dtype=float)
-    x[w == 0] = 0.5
-    w_safe = np.where(w > 0, w, 1e-9)
+    y = np.where(w > 0, y, 0.5)
+    w_pava = np.where(w > 0, w, 1e-9 * max(1.0, float(w.max(initial=0.0))))
 
     def pava(a: np.ndarray, wa: np.ndarray) -> np.ndarray:
         return np.vstack([isotonic_regression(r, weights=wr, increasing=False).x for r, wr in zip(a, wa, strict=True)])
 
-    def rows(a: np.ndarray) -> np.ndarray:
-        return pava(a, w_safe)
-
-    def cols(a: np.ndarray) -> np.ndarray:  # non-decreasing down a column = non-increasing up it
-        return pava(a.T[:, ::-1], w_safe.T[:, ::-1])[:, ::-1].T
-
-    projections: list[Callable[[np.ndarray], np.ndarray]] = []
-    if in_rows:
-        projections.append(rows)
-    if in_cols:
-        projections.append(cols)
-    if not projections:
-        return x
-    if len(projections) == 1:
-        return projections[0](x)
-    increments = [np.zeros_like(x) for _ in projections]
-    for _ in range(iterations):
-        prev = x
-        for i, proj in enumerate(projections):
-            y = proj(x + increments[i])
-            increments[i] = x + increments[i] - y
-            x = y
-        if np.max(np.abs(x - prev)) < 1e-10:
-            break
-    return x
+    if not (in_rows and in_cols):
+        if in_rows:
+            return pava(y, w_pava)
+        if in_cols:  # non-decreasing down a column = non-increasing up it
+            return pava(y.T[:, ::-1], w_pava.T[:, ::-1])[:, ::-1].T
+        return y
+    rows, cols = y.shape
+    idx = np.arange(rows * cols).reshape(rows, cols)
+    pairs = [(idx[i, j], idx[i, j + 1]) for i in range(rows) for j in range(cols - 1)]  # x[i,j] >= x[i,j+1]
+    pairs += [(idx[i + 1, j], idx[i, j]) for i in range(rows - 1) for j in range(cols)]  # x[i+1,j] >= x[i,j]
+    if not pairs:
+        return y
+    a = np.zeros((len(pairs), rows * cols))
+    for r, (hi, lo) in enumerate(pairs):
+        a[r, hi], a[r, lo] = 1.0, -1.0
+    wf, yf = w.ravel(), y.ravel()
+    x0 = pava(y, w_pava)  # feasible in rows; SLSQP does the rest
+    res = minimize(
+        lambda x: float(np.sum(wf * (x - yf) ** 2)),
+        x0.ravel(),
+        jac=lambda x: 2 * wf * (x - yf),
+        constraints=[{"type": "ineq", "fun": lambda x: a @ x, "jac": lambda x: a}],
+        bounds=[(0.0, 1.0)] * (rows * cols),
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
+    return np.clip(np.asarray(res.x).reshape(rows, cols), 0.0, 1.0)
 
 
 @lru_cache(maxsize=4096)
