@@ -18,6 +18,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.attention import ATTENTION_KINDS
 from workers.evaluation import ceiling_problem, pool_problem, sequences_per_member
+from workers.model import POSITIONAL, QKV_INIT_STD
 from workers.tasks import HOLDOUTS, TASK_FAMILIES, TaskMix
 
 SPEC_VERSION = 1
@@ -240,6 +241,42 @@ class Evaluation(_Strict):
         return v
 
 
+class KindSettings(_Strict):
+    """Settings of one attention kind that decide its start (docs/evaluation.md, "Fair start")."""
+
+    lr_scale: Annotated[float, Field(gt=0, le=1000)] = Field(
+        default=1.0, description="this kind's learning rates are hparams.lr times this (its own lr space)"
+    )
+    qkv_init_std: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=QKV_INIT_STD, description="init std of the q/k/v projection: the size of the scores at init"
+    )
+    temperature: Annotated[float, Field(gt=0, le=1000)] = Field(
+        default=1.0, description="scores are q.k / (sqrt(d_head) * temperature)"
+    )
+    learn_temperature: bool = Field(default=False, description="one learned temperature per head, from the above")
+
+
+class Fairness(_Strict):
+    """Settings that decide whether the kinds start on an equal footing; recorded with every trial."""
+
+    kinds: dict[str, KindSettings] = Field(default_factory=dict, description="per attention kind; absent: defaults")
+    positional: str = Field(default="learned", description=f"positional encoding: one of {list(POSITIONAL)}")
+    grad_clip_mode: Literal["global", "split"] = Field(
+        default="global",
+        description="global: one norm over all gradients; split: the q/k/v projections clipped apart from the rest",
+    )
+
+    @field_validator("positional")
+    @classmethod
+    def _known_positional(cls, v: str) -> str:
+        if v not in POSITIONAL:
+            raise ValueError(f"unknown positional encoding {v!r}; known: {list(POSITIONAL)}")
+        return v
+
+    def kind(self, name: str) -> KindSettings:
+        return self.kinds.get(name, KindSettings())
+
+
 class Search(_Strict):
     method: Literal["grid", "optuna", "frontier"] = "grid"
     n_trials: PosInt | None = Field(default=None, description="optuna: configurations sampled (each run per kind)")
@@ -275,7 +312,7 @@ class StudySpec(_Strict):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = Field(default="", max_length=2000)
     attention: list[str] = Field(default_factory=lambda: ["dpa", "ea"], min_length=1)
-    eps: Annotated[float, Field(gt=0, lt=1)] = 1e-6
+    eps: Annotated[float, Field(gt=0, lt=1)] = Field(default=1e-6, description="ea_norm's eps")
     task: TaskAxes
     model: ModelAxes
     training: Training = Training()
@@ -284,6 +321,7 @@ class StudySpec(_Strict):
     search: Search = Search()
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.99
     evaluation: Evaluation = Evaluation()
+    fairness: Fairness = Fairness()
     resources: Resources = Resources()
     max_concurrent: PosInt = 2
     early_stopping: EarlyStopping = EarlyStopping()
@@ -319,6 +357,7 @@ class StudySpec(_Strict):
                     f"(prefix plus context_margin={self.task.context_margin} scored positions)",
                 )
         self._check_evaluation()
+        self._check_fairness()
         n = self.planned_trials()
         if n > self.caps.max_trials:
             raise _field_error(
@@ -352,6 +391,23 @@ class StudySpec(_Strict):
             problem = ceiling_problem(mix, ctx, self.threshold)
             if problem:
                 raise _field_error(("threshold",), self.threshold, problem)
+
+    def _check_fairness(self) -> None:
+        extra = sorted(set(self.fairness.kinds) - set(self.attention))
+        if extra:
+            raise _field_error(
+                ("fairness", "kinds"),
+                extra,
+                f"fairness.kinds names kinds the study does not run: {extra}; attention is {self.attention}",
+            )
+        if self.fairness.positional == "rotary":
+            odd = [s.name for s in self.model.all_sizes() if (s.d_model // s.n_heads) % 2]
+            if odd:
+                raise _field_error(
+                    ("fairness", "positional"),
+                    "rotary",
+                    f"rotary positions need an even head size (d_model / n_heads); odd in {odd}",
+                )
 
     def planned_trials(self) -> int:
         """Trials the study runs at most (grid and frontier: the full grid; optuna: n_trials per kind)."""

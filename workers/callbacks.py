@@ -23,16 +23,19 @@ from workers.trial import TrialConfig
 
 def trial_config(config: dict[str, Any]) -> TrialConfig:
     """The resolved trial config from a Tune config (``cell`` varies, ``fixed`` does not)."""
-    cell, fixed = config["cell"], config["fixed"]
+    cell, fixed = config["cell"], dict(config["fixed"])
+    kind = dict(fixed.pop("kinds", {}).get(cell["kind"], {}))  # per-kind settings (spec fairness.kinds)
+    scale = kind.pop("lr_scale", 1.0)
     return TrialConfig(
         attention=cell["kind"],
         task=cell["members"],
         d_model=cell["size"]["d_model"],
         n_layers=cell["size"]["n_layers"],
         n_heads=cell["size"]["n_heads"],
-        lr=cell["lr"],
+        lr=cell["lr"] * scale,
         seed=cell["seed"],
         **fixed,
+        **kind,
     )
 
 

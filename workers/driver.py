@@ -33,6 +33,7 @@ from workers import tracking
 from workers.callbacks import StudyCallback, trial_config
 from workers.provenance import git_sha, versions
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, make_cell
+from workers.tasks import GENERATOR_VERSION
 from workers.trial import run_trial
 
 __all__ = ["new_study_id", "prepare_study", "read_status", "run_study", "update_status"]
@@ -142,6 +143,9 @@ def build_tuner(
         "eval_interval": spec.training.eval_interval,
         "eval_sequences": spec.training.eval_sequences or 0,
         "holdout": spec.evaluation.holdout,
+        "positional": spec.fairness.positional,
+        "grad_clip_mode": spec.fairness.grad_clip_mode,
+        "kinds": {k: spec.fairness.kind(k).model_dump() for k in spec.attention},
         "threshold": spec.threshold,
     }
     param_space: dict[str, Any] = {"fixed": fixed}
@@ -273,6 +277,11 @@ def _write_outputs(study_id: str, spec: StudySpec, settings: Settings, mlinfo: d
         out = settings.study_dir(study_id) / "report"
         records = read_records(settings.study_dir(study_id) / "trials.jsonl")
         provenance = {"study_id": study_id, "git_sha": git_sha(), "versions": versions()}
+        provenance |= {
+            "generator_version": GENERATOR_VERSION,
+            "evaluation": spec.evaluation.model_dump() | {"threshold": spec.threshold},
+            "fairness": spec.fairness.model_dump() | {"ea_norm_eps": spec.eps},
+        }
         write_report(spec, records, out, provenance)
         tracking.log_report(mlinfo["tracking_uri"], mlinfo["run_id"], out)
     except ImportError:

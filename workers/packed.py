@@ -33,7 +33,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from workers.evaluation import EvalSets, build_eval_sets
 from workers.model import Transformer
 from workers.tasks import GENERATOR_VERSION, NTStream
-from workers.trial import DIVERGENCE_FACTOR, TrialConfig, evaluate_point, lr_at, pick_device
+from workers.trial import DIVERGENCE_FACTOR, TrialConfig, clip_groups, evaluate_point, lr_at, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,8 @@ def _train(
             restack(active)
         else:
             grads = grads_of(None)
-        _clip_(grads, shared.grad_clip)
+        for group in clip_groups(list(grads), shared.grad_clip_mode):
+            _clip_({n: grads[n] for n in group}, shared.grad_clip)
         lr = torch.tensor([lr_at(step, members[i].cfg) for i in active], device=device)
         step += 1
         _adamw_(stack, grads, lr, step, shared.weight_decay)

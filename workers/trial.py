@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.evaluation import EvalSets, build_eval_sets, is_solved, score
-from workers.model import ModelConfig, Transformer
+from workers.model import QKV_INIT_STD, ModelConfig, Transformer
 from workers.tasks import GENERATOR_VERSION, Batch, NTStream, TaskMix, nt_family
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,15 @@ class TrialConfig:
     n_heads: int = 2
     context_length: int = 16
     eps: float = 1e-6
+    qkv_init_std: float = QKV_INIT_STD
+    temperature: float = 1.0
+    learn_temperature: bool = False
+    positional: str = "learned"
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    grad_clip_mode: str = "global"  # a key of CLIP_MODES
     batch_size: int = 64
     max_steps: int = 2000
     eval_interval: int = 100
@@ -65,6 +70,10 @@ class TrialConfig:
             n_heads=self.n_heads,
             attention=self.attention,
             eps=self.eps,
+            qkv_init_std=self.qkv_init_std,
+            temperature=self.temperature,
+            learn_temperature=self.learn_temperature,
+            positional=self.positional,
         )
 
 
@@ -84,6 +93,32 @@ def lr_at(step: int, cfg: TrialConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _attention_param(name: str) -> bool:
+    """Parameters that make the attention scores: the q/k/v projection and a learned temperature."""
+    return ".attn.qkv." in name or name.endswith("log_temperature")
+
+
+def _one_group(name: str) -> str:
+    return "all"
+
+
+def _score_apart(name: str) -> str:
+    return "attention" if _attention_param(name) else "rest"
+
+
+# How gradients are grouped for clipping: each group is scaled to norm <= grad_clip on its own. "split"
+# clips the attention-score parameters apart, so a large score gradient shrinks no other update.
+CLIP_MODES: dict[str, Callable[[str], str]] = {"global": _one_group, "split": _score_apart}
+
+
+def clip_groups(names: list[str], mode: str) -> list[list[str]]:
+    """Parameter names grouped for clipping under ``mode`` (every trainer clips by these groups)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(CLIP_MODES[mode](n), []).append(n)
+    return list(groups.values())
 
 
 def _masked_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -164,6 +199,8 @@ def run_trial(
         sets = build_eval_sets(mix, cfg.context_length, cfg.seed, cfg.threshold, cfg.holdout, cfg.eval_sequences)
         record.update(sets.info())
         limit = DIVERGENCE_FACTOR * math.log(mix.vocab_size)
+        named = dict(model.named_parameters())
+        clipped = [[named[n] for n in g] for g in clip_groups(list(named), cfg.grad_clip_mode)]
         step = 0
         last: dict[str, Any] = {}
         if resume:
@@ -199,7 +236,8 @@ def run_trial(
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for params in clipped:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
             loss_sum, loss_n = loss_sum + value, loss_n + 1

@@ -656,3 +656,41 @@ def test_a_mixture_no_model_can_solve_at_the_threshold_is_refused_with_its_bound
 def test_eval_sequences_is_optional_and_a_minimum():
     assert StudySpec.model_validate(make()).training.eval_sequences is None
     assert StudySpec.model_validate(make(training={"eval_sequences": 2000})).training.eval_sequences == 2000
+
+
+# --- fairness settings ----------------------------------------------------------------------------------------------
+
+
+def test_fairness_defaults_and_per_kind_settings():
+    spec = StudySpec.model_validate(make())
+    assert spec.fairness.positional == "learned" and spec.fairness.grad_clip_mode in ("global", "split")
+    assert spec.fairness.kind("ea").lr_scale == 1.0
+    spec = StudySpec.model_validate(
+        make(fairness={"kinds": {"ea": {"lr_scale": 3.0, "qkv_init_std": 0.2, "learn_temperature": True}}})
+    )
+    assert spec.fairness.kind("ea").lr_scale == 3.0 and spec.fairness.kind("ea").learn_temperature
+    assert spec.fairness.kind("dpa") == type(spec.fairness.kind("ea"))()
+
+
+@pytest.mark.parametrize(
+    ("fairness", "loc", "fragment"),
+    [
+        ({"kinds": {"ea_norm": {}}}, ("fairness", "kinds"), "ea_norm"),
+        ({"kinds": {"ea": {"lr_scale": 0}}}, ("fairness", "kinds", "ea", "lr_scale"), "greater than 0"),
+        ({"kinds": {"ea": {"qkv_init_std": 2}}}, ("fairness", "kinds", "ea", "qkv_init_std"), "less than or equal"),
+        ({"kinds": {"ea": {"temperature": -1}}}, ("fairness", "kinds", "ea", "temperature"), "greater than 0"),
+        ({"positional": "alibi"}, ("fairness", "positional"), "unknown positional"),
+        ({"grad_clip_mode": "per_param"}, ("fairness", "grad_clip_mode"), "global"),
+    ],
+)
+def test_bad_fairness_settings_name_their_field(fairness, loc, fragment):
+    rejected(make(fairness=fairness), loc, fragment)
+
+
+def test_rotary_positions_refuse_odd_head_sizes():
+    rejected(
+        make(model={"sizes": [{"d_model": 6, "n_layers": 1, "n_heads": 2}]}, fairness={"positional": "rotary"}),
+        ("fairness", "positional"),
+        "even head size",
+        "d6_l1_h2",
+    )
