@@ -21,6 +21,27 @@ from workers.tracking import StudyTracker
 from workers.trial import TrialConfig
 
 
+def fixed_config(spec: StudySpec) -> dict[str, Any]:
+    """The part of every trial's config that the study fixes (``trial_config`` resolves it per kind)."""
+    return {
+        "identify_margin": spec.task.identify_margin,
+        "context_length": spec.training.context_length,
+        "eps": spec.eps,
+        "warmup_steps": spec.training.warmup_steps,
+        "weight_decay": spec.training.weight_decay,
+        "grad_clip": spec.training.grad_clip,
+        "batch_size": spec.training.batch_size,
+        "max_steps": spec.training.max_steps,
+        "eval_interval": spec.training.eval_interval,
+        "eval_sequences": spec.training.eval_sequences or 0,
+        "holdout": spec.evaluation.holdout,
+        "positional": spec.fairness.positional,
+        "grad_clip_mode": spec.fairness.grad_clip_mode,
+        "kinds": {k: spec.fairness.kind(k).model_dump() for k in spec.attention},
+        "threshold": spec.threshold,
+    }
+
+
 def trial_config(config: dict[str, Any]) -> TrialConfig:
     """The resolved trial config from a Tune config (``cell`` varies, ``fixed`` does not)."""
     cell, fixed = config["cell"], dict(config["fixed"])

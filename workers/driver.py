@@ -30,7 +30,7 @@ from studies.settings import Settings, get_settings
 from studies.spec import StudySpec
 from studies.status import read_status, update_status
 from workers import tracking
-from workers.callbacks import StudyCallback, trial_config
+from workers.callbacks import StudyCallback, fixed_config, trial_config
 from workers.provenance import git_sha, versions
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, make_cell
 from workers.tasks import GENERATOR_VERSION
@@ -131,23 +131,7 @@ class CpuBudgetStopper(Stopper):
 def build_tuner(
     study_id: str, spec: StudySpec, settings: Settings, progress: bool, tracker: tracking.StudyTracker
 ) -> tune.Tuner:
-    fixed = {
-        "identify_margin": spec.task.identify_margin,
-        "context_length": spec.training.context_length,
-        "eps": spec.eps,
-        "warmup_steps": spec.training.warmup_steps,
-        "weight_decay": spec.training.weight_decay,
-        "grad_clip": spec.training.grad_clip,
-        "batch_size": spec.training.batch_size,
-        "max_steps": spec.training.max_steps,
-        "eval_interval": spec.training.eval_interval,
-        "eval_sequences": spec.training.eval_sequences or 0,
-        "holdout": spec.evaluation.holdout,
-        "positional": spec.fairness.positional,
-        "grad_clip_mode": spec.fairness.grad_clip_mode,
-        "kinds": {k: spec.fairness.kind(k).model_dump() for k in spec.attention},
-        "threshold": spec.threshold,
-    }
+    fixed = fixed_config(spec)
     param_space: dict[str, Any] = {"fixed": fixed}
     search_alg: Any = None
     num_samples = 1

@@ -257,3 +257,29 @@ def test_invalid_trial_fails_with_a_message_instead_of_raising(change, message):
     assert r["solved"] is False
     assert message in r["error"]
     assert r["steps"] == 0
+
+
+# --- gradient clipping groups ---------------------------------------------------------------------------------------
+
+
+def test_split_clipping_keeps_the_attention_score_parameters_apart():
+    from workers.model import Transformer
+    from workers.trial import clip_groups
+
+    cfg = replace(TINY, learn_temperature=True)
+    names = [n for n, _ in Transformer(cfg.model_config()).named_parameters()]
+    assert clip_groups(names, "global") == [names]
+    groups = clip_groups(names, "split")
+    assert len(groups) == 2
+    attention = next(g for g in groups if any(".qkv." in n for n in g))
+    rest = next(g for g in groups if g is not attention)
+    assert set(attention) == {n for n in names if ".attn.qkv." in n or n.endswith("log_temperature")}
+    assert attention and set(rest) == set(names) - set(attention)
+
+
+@pytest.mark.parametrize("mode", ["global", "split"])
+def test_a_trial_runs_under_each_clip_mode_and_they_differ(mode):
+    a = run_trial(replace(TINY, max_steps=20, grad_clip=0.05, grad_clip_mode=mode))
+    b = run_trial(replace(TINY, max_steps=20, grad_clip=0.05, grad_clip_mode="split" if mode == "global" else "global"))
+    assert a["status"] == b["status"] == "unsolved"
+    assert a["train_loss"] != b["train_loss"]  # a tight clip: grouping changes the updates
