@@ -139,17 +139,13 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
-        self.apply(self._init)
-        for m in self.modules():
-            if isinstance(m, CausalSelfAttention):
-                nn.init.normal_(m.qkv.weight, std=cfg.qkv_init_std)
-
-    def _init(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=self.cfg.init_std)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=self.cfg.init_std)
+        qkv = {m.qkv for m in self.modules() if isinstance(m, CausalSelfAttention)}
+        for m in self.modules():  # one draw per weight, in module order
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=cfg.qkv_init_std if m in qkv else cfg.init_std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=cfg.init_std)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, vocab) for token ids (B, T)."""
