@@ -1,0 +1,680 @@
+"""The paper's four claims, judged from a study's trial records: one verdict per claim and EA reading.
+
+Input is a compact trial CSV (``export_csv`` writes it from a study's ``trials.jsonl``) and the
+attention benchmark in ``docs/benchmarks.md`` (claim 1). ``python -m studies.claims`` writes the
+CSV (``--export``) and rewrites the generated blocks of ``docs/findings.md``; a test regenerates
+the blocks from the committed CSVs and compares, so the document cannot drift from its data.
+
+Rules (stated once, used everywhere):
+
+* The learning rate is tuned per kind and size on the *selection* seeds (most points solved, then
+  mean accuracy, then the smaller lr); only *scoring* seeds at that lr count in any verdict.
+* A cell (kind, size, point) is solved when the Wilson 95% lower bound of its success rate over the
+  scoring seeds is above 0.5, unsolved when the upper bound is below 0.5, else undetermined.
+* Paired margins (EA minus DPA) are computed per scoring seed, which both kinds share, and given
+  with a percentile bootstrap interval over seeds.
+* The budget rule: if DPA's per-seed frontier moves between step b/2 and b at any size, every
+  verdict of claims 2-4 reads "at this budget".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import re
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from studies.records import OUTCOMES, TrialRecord
+from studies.report import wilson_interval
+from studies.spec import StudySpec
+
+REFERENCE = "dpa"
+READINGS = {"ea": "softmax(s²)", "ea_norm": "s²/Σs²"}
+BOOTSTRAP_DRAWS = 10_000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+COST_TARGET = 1.05  # claim 1: "no extra compute" read as a step-time ratio within 5%
+TAG = re.compile(r"<!-- claims:([\w-]+):(\w+) -->\n.*?<!-- /claims:\1:\2 -->", re.S)  # dataset, block
+
+# --- the compact trial CSV --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial, as much as the claims need; a row of the compact CSV."""
+
+    study: str
+    kind: str
+    size: str
+    n_params: int
+    point: str
+    rung: int
+    multi: bool
+    seed: int
+    role: str  # "selection" (tunes the lr) or "scoring" (counts in verdicts)
+    lr: float
+    setting: str  # the fairness setting (init scale / temperature) as a label; "default" if none
+    status: str
+    eval_acc: float | None
+    steps: int
+    steps_to_solve: int | None
+    max_steps: int
+    cpu_s: float
+    gpu_s: float
+
+    @property
+    def solved(self) -> bool:
+        return self.status == "solved"
+
+    def solved_by(self, budget: int) -> bool:
+        """Solved within the first ``budget`` steps (of its ``max_steps`` schedule)."""
+        return self.solved and self.steps_to_solve is not None and self.steps_to_solve <= budget
+
+
+_COLUMNS = [f.name for f in fields(Trial)]
+
+
+def _setting(rec: TrialRecord) -> str:
+    extra = rec.model_extra or {}
+    parts = [f"{k}={extra[k]:g}" for k in ("init_scale", "qk_init_scale", "temperature") if extra.get(k) is not None]
+    return ",".join(parts) or "default"
+
+
+def trials_from_records(spec: StudySpec, records: Iterable[TrialRecord], selection_seeds: Sequence[int]) -> list[Trial]:
+    """Compact trials of a study; ``selection_seeds`` tune the lr, the other seeds score."""
+    points = {p.name: p for p in spec.task.points()}
+    out = []
+    for r in records:
+        p = points[r.point]
+        out.append(
+            Trial(
+                study=spec.name,
+                kind=r.kind,
+                size=r.size_name,
+                n_params=r.n_params or 0,
+                point=r.point,
+                rung=p.coords[0],
+                multi=len(p.members) > 1,
+                seed=r.seed,
+                role="selection" if r.seed in selection_seeds else "scoring",
+                lr=r.lr,
+                setting=_setting(r),
+                status=r.status,
+                eval_acc=r.eval_acc,
+                steps=r.steps,
+                steps_to_solve=r.steps_to_solve,
+                max_steps=spec.training.max_steps,
+                cpu_s=round(r.cpu_s, 2),
+                gpu_s=round(r.gpu_s, 2),
+            )
+        )
+    return sorted(out, key=lambda t: (t.kind, t.n_params, t.rung, t.seed, t.lr, t.setting))
+
+
+def write_csv(trials: Sequence[Trial], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(_COLUMNS)
+        for t in trials:
+            row = [getattr(t, c) for c in _COLUMNS]
+            w.writerow(["" if v is None else int(v) if isinstance(v, bool) else v for v in row])
+
+
+def read_csv(path: str | Path) -> list[Trial]:
+    """Trials of a compact CSV.
+
+    Raises:
+        ValueError: if a column is missing or a value does not parse, naming the row.
+    """
+    conv: dict[str, Callable[[str], Any]] = {
+        "n_params": int,
+        "rung": int,
+        "seed": int,
+        "steps": int,
+        "max_steps": int,
+        "multi": lambda s: s == "1",
+        "lr": float,
+        "cpu_s": float,
+        "gpu_s": float,
+        "eval_acc": lambda s: float(s) if s else None,
+        "steps_to_solve": lambda s: int(s) if s else None,
+    }
+    out = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        for i, row in enumerate(reader, start=2):
+            try:
+                out.append(Trial(**{c: conv.get(c, str)(row[c]) for c in _COLUMNS}))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {i}: {e}") from None
+    return out
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+def bootstrap_mean(values: Sequence[float], draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap interval (95%) of ``values``; deterministic (fixed RNG seed)."""
+    if not values:
+        raise ValueError("bootstrap_mean needs at least one value")
+    rng = random.Random(BOOTSTRAP_SEED)
+    n = len(values)
+    means = sorted(math.fsum(rng.choices(values, k=n)) / n for _ in range(draws))
+    tail = (1 - CI_LEVEL) / 2
+    return statistics.fmean(values), means[int(tail * draws)], means[math.ceil((1 - tail) * draws) - 1]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign (McNemar) test p-value for paired wins and losses; ties dropped."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * math.fsum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def cell_state(successes: int, n: int) -> str:
+    """solved / unsolved / undetermined from the Wilson 95% interval against 0.5."""
+    if n == 0:
+        return "undetermined"
+    low, high = wilson_interval(successes, n)
+    return "solved" if low > 0.5 else "unsolved" if high < 0.5 else "undetermined"
+
+
+# --- the analysis -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The lr and setting chosen for one (kind, size) on the selection seeds."""
+
+    kind: str
+    size: str
+    lr: float
+    setting: str
+    selection_solved: int
+    selection_trials: int
+
+
+def choose(trials: Sequence[Trial]) -> dict[tuple[str, str], Choice]:
+    """Per (kind, size): the (lr, setting) that solves most points on the selection seeds.
+
+    Ties go to the higher mean accuracy, then the smaller lr. Without selection seeds every
+    (kind, size) must have a single (lr, setting): the study then tuned nothing.
+
+    Raises:
+        ValueError: if a (kind, size) has several settings and no selection trials.
+    """
+    out = {}
+    for key in sorted({(t.kind, t.size) for t in trials}):
+        mine = [t for t in trials if (t.kind, t.size) == key]
+        options = sorted({(t.lr, t.setting) for t in mine})
+        sel = [t for t in mine if t.role == "selection" and t.status in OUTCOMES]
+        if not sel and len(options) > 1:
+            raise ValueError(f"{key}: {len(options)} lr/settings and no selection seeds to choose among them")
+
+        def rank(opt: tuple[float, str], sel: list[Trial] = sel) -> tuple[int, float, float]:
+            ts = [t for t in sel if (t.lr, t.setting) == opt]
+            accs = [t.eval_acc for t in ts if t.eval_acc is not None]
+            return (-sum(t.solved for t in ts), -(statistics.fmean(accs) if accs else 0.0), opt[0])
+
+        best = min(options, key=rank)
+        ts = [t for t in sel if (t.lr, t.setting) == best]
+        out[key] = Choice(key[0], key[1], best[0], best[1], sum(t.solved for t in ts), len(ts))
+    return out
+
+
+@dataclass
+class Study:
+    """The scoring trials at the chosen settings, indexed for the analyses."""
+
+    trials: list[Trial]
+    choices: dict[tuple[str, str], Choice]
+    kinds: list[str]
+    sizes: list[str]  # ascending parameter count
+    points: list[tuple[int, str, bool]]  # (rung, name, multi) in ladder order
+    seeds: list[int]  # scoring seeds
+    budget: int
+
+    @classmethod
+    def of(cls, trials: Sequence[Trial]) -> Study:
+        if not trials:
+            raise ValueError("no trials")
+        choices = choose(trials)
+        scoring = [
+            t
+            for t in trials
+            if t.role == "scoring"
+            and (t.lr, t.setting) == (choices[(t.kind, t.size)].lr, choices[(t.kind, t.size)].setting)
+        ]
+        kinds = sorted({t.kind for t in trials}, key=lambda k: (k != REFERENCE, k))
+        sizes = sorted({t.size for t in trials}, key=lambda s: max(t.n_params for t in trials if t.size == s))
+        points = sorted({(t.rung, t.point, t.multi) for t in trials})
+        return cls(
+            scoring, choices, kinds, sizes, points, sorted({t.seed for t in scoring}), max(t.max_steps for t in trials)
+        )
+
+    def outcome(self, kind: str, size: str, point: str, seed: int, budget: int | None = None) -> bool | None:
+        """Whether that scoring trial solved its point (within ``budget``); None without an outcome."""
+        for t in self.trials:
+            if (t.kind, t.size, t.point, t.seed) == (kind, size, point, seed) and t.status in OUTCOMES:
+                return t.solved_by(budget) if budget is not None else t.solved
+        return None
+
+    def cell(self, kind: str, size: str, point: str) -> tuple[int, int]:
+        """(successes, outcomes) of one cell over the scoring seeds."""
+        outs = [o for s in self.seeds if (o := self.outcome(kind, size, point, s)) is not None]
+        return sum(outs), len(outs)
+
+    def highest(self, kind: str, size: str, seed: int, multi: bool, budget: int | None = None) -> int:
+        """Highest solved rung of one seed on the single- (or multi-) task ladder; -1 if none."""
+        rungs = [r for r, p, m in self.points if m == multi and self.outcome(kind, size, p, seed, budget)]
+        return max(rungs, default=-1)
+
+
+def _ladders(study: Study) -> list[bool]:
+    return [m for m in (False, True) if any(pm == m for _, _, pm in study.points)]
+
+
+def budget_moves(study: Study) -> dict[str, bool]:
+    """Per size: whether DPA's mean per-seed frontier (every ladder) differs between b/2 and b."""
+    out = {}
+    for size in study.sizes:
+        moved = False
+        for multi in _ladders(study):
+            at = [
+                sum(study.highest(REFERENCE, size, s, multi, b) for s in study.seeds) for b in (study.budget // 2, None)
+            ]
+            moved |= at[0] != at[1]
+        out[size] = moved
+    return out
+
+
+@dataclass(frozen=True)
+class Paired:
+    """EA reading vs DPA at one size, paired over scoring seeds and points."""
+
+    kind: str
+    size: str
+    wins: int  # (point, seed) pairs only the EA reading solved
+    losses: int  # pairs only DPA solved
+    pairs: int
+    p_value: float
+    margin: tuple[float, float, float]  # per-seed solved-points margin: mean, low, high
+    rung_margin: tuple[float, float, float]  # per-seed single-task frontier margin, in rungs
+    any_solved: bool
+
+    @property
+    def verdict(self) -> str:
+        if self.p_value < 0.05:
+            return "EA ahead" if self.wins > self.losses else "DPA ahead"
+        return "no detectable difference"
+
+
+def paired(study: Study, kind: str, size: str) -> Paired:
+    wins = losses = pairs = 0
+    per_seed, per_seed_rung, any_solved = [], [], False
+    for s in study.seeds:
+        diff = 0
+        for _, p, _ in study.points:
+            a, b = study.outcome(kind, size, p, s), study.outcome(REFERENCE, size, p, s)
+            if a is None or b is None:
+                continue
+            pairs += 1
+            wins += a and not b
+            losses += b and not a
+            diff += int(a) - int(b)
+            any_solved |= a or b
+        per_seed.append(float(diff))
+        per_seed_rung.append(float(study.highest(kind, size, s, False) - study.highest(REFERENCE, size, s, False)))
+    return Paired(
+        kind,
+        size,
+        wins,
+        losses,
+        pairs,
+        sign_test(wins, losses),
+        bootstrap_mean(per_seed),
+        bootstrap_mean(per_seed_rung),
+        any_solved,
+    )
+
+
+def growth(study: Study, kind: str, multi: bool) -> tuple[float, float, float] | None:
+    """How much EA's solve margin grows from the easier to the harder half of a ladder.
+
+    Per scoring seed, summed over sizes: mean(EA - DPA solved) on the harder half of the ladder's
+    rungs minus the same on the easier half (the middle rung of an odd ladder is left out). None
+    for a ladder of fewer than two rungs.
+    """
+    rungs = [(r, p) for r, p, m in study.points if m == multi]
+    if len(rungs) < 2:
+        return None
+    half = len(rungs) // 2
+    easy, hard = rungs[:half], rungs[-half:]
+    per_seed = []
+    for s in study.seeds:
+        g = 0.0
+        for size in study.sizes:
+
+            def margin(part: list[tuple[int, str]], size: str = size, s: int = s) -> float:
+                d = [
+                    int(a) - int(b)
+                    for _, p in part
+                    if (a := study.outcome(kind, size, p, s)) is not None
+                    and (b := study.outcome(REFERENCE, size, p, s)) is not None
+                ]
+                return statistics.fmean(d) if d else 0.0
+
+            g += margin(hard) - margin(easy)
+        per_seed.append(g)
+    return bootstrap_mean(per_seed)
+
+
+# --- verdicts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str  # supported | contradicted | undetermined
+    evidence: str
+
+
+def _ci(m: tuple[float, float, float], unit: str = "") -> str:
+    return f"{m[0]:+.2f}{unit} [{m[1]:+.2f}, {m[2]:+.2f}]"
+
+
+def claim1(bench: dict[str, dict[str, tuple[float, float, float]]], kind: str) -> Verdict:
+    """Claim 1 from the step-time benchmark: per size, ratio of medians and IQR of paired ratios."""
+    rows = bench.get(kind, {})
+    if not rows:
+        return Verdict("undetermined", "no benchmark of this kind")
+    text = ", ".join(f"{size} {r:.3f} [{lo:.3f}-{hi:.3f}]" for size, (r, lo, hi) in rows.items())
+    if all(hi <= COST_TARGET for _, lo, hi in rows.values()):
+        state = "supported"
+    elif any(lo > COST_TARGET for _, lo, hi in rows.values()):
+        state = "contradicted"
+    else:
+        state = "undetermined"
+    return Verdict(state, f"step time {kind}/dpa (CPU): {text}")
+
+
+def claim2(study: Study, kind: str) -> Verdict:
+    """EA at least as good as DPA: supported when the per-seed solved-points margin's interval is
+    >= 0 at every size where anything was solved (and some size solved something); contradicted
+    when it is < 0 at some size."""
+    ps = [paired(study, kind, s) for s in study.sizes]
+    text = "; ".join(
+        f"{p.size}: {_ci(p.margin, ' pts')}, {p.wins}-{p.losses} of {p.pairs}, p={p.p_value:.2g}" for p in ps
+    )
+    live = [p for p in ps if p.any_solved]
+    if any(p.margin[2] < 0 for p in live):
+        state = "contradicted"
+    elif live and all(p.margin[1] >= 0 for p in live):
+        state = "supported"
+    else:
+        state = "undetermined"
+    return Verdict(state, text)
+
+
+def claim3(study: Study, kind: str) -> Verdict:
+    """EA's margin grows with complexity on every ladder (single- and multi-task): supported when
+    every ladder's growth interval is > 0; contradicted when some ladder's is <= 0 entirely."""
+    parts, states = [], []
+    for multi in _ladders(study):
+        g = growth(study, kind, multi)
+        name = "multi-task" if multi else "single-task"
+        if g is None:
+            parts.append(f"{name}: one rung, no trend")
+            states.append("undetermined")
+            continue
+        parts.append(f"{name}: {_ci(g)}")
+        states.append("supported" if g[1] > 0 else "contradicted" if g[2] <= 0 else "undetermined")
+    if "contradicted" in states:
+        state = "contradicted"
+    elif states and all(s == "supported" for s in states):
+        state = "supported"
+    else:
+        state = "undetermined"
+    return Verdict(state, "growth of the margin, hard half minus easy half: " + "; ".join(parts))
+
+
+def claim4(study: Study, kind: str) -> Verdict:
+    """EA solves a point DPA cannot at the same size: supported when some cell is solved for EA and
+    unsolved for DPA (both by the Wilson rule); contradicted when every cell EA possibly solves is
+    solved for DPA, at every size."""
+    found, dominated, notes = [], True, []
+    for size in study.sizes:
+        for _, p, _ in study.points:
+            (ea_s, ea_n), (dp_s, dp_n) = study.cell(kind, size, p), study.cell(REFERENCE, size, p)
+            ea_state, dpa_state = cell_state(ea_s, ea_n), cell_state(dp_s, dp_n)
+            if ea_state == "solved" and dpa_state == "unsolved":
+                found.append(f"{size} {p} ({ea_s}/{ea_n} vs {dp_s}/{dp_n})")
+            if ea_state != "unsolved" and dpa_state != "solved":
+                dominated = False
+                if ea_s > dp_s:
+                    notes.append(f"{size} {p} {ea_s}/{ea_n} vs {dp_s}/{dp_n}")
+    if found:
+        return Verdict("supported", "EA solved, DPA unsolved: " + ", ".join(found))
+    if dominated:
+        return Verdict("contradicted", "every cell EA may solve, DPA solves with confidence")
+    shown = ", ".join(notes[:4]) + (" ..." if len(notes) > 4 else "")
+    return Verdict("undetermined", "no cell decided both ways" + (f"; EA ahead, undecided: {shown}" if notes else ""))
+
+
+# --- tables -----------------------------------------------------------------------------
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+CLAIMS = {
+    "1": ("EA costs no more compute than DPA", None),
+    "2": ("EA performs at least as well as DPA", claim2),
+    "3": ("EA's advantage grows with complexity, multi-task included", claim3),
+    "4": ("EA reaches 100% where DPA cannot, same size", claim4),
+}
+
+
+def claims_table(study: Study, bench: dict[str, dict[str, tuple[float, float, float]]]) -> str:
+    moved = budget_moves(study)
+    qualifier = " at this budget" if any(moved.values()) else ""
+    readings = [k for k in READINGS if k in study.kinds]
+    rows = []
+    for num, (text, fn) in CLAIMS.items():
+        row = [num, text]
+        for kind in readings:
+            v = claim1(bench, kind) if fn is None else fn(study, kind)
+            suffix = qualifier if fn is not None else ""
+            row.append(f"**{v.state}{suffix}**: {v.evidence}")
+        rows.append(row)
+    head = ["#", "claim", *(f"`{k}` = {READINGS[k]}" for k in readings)]
+    return _table(head, rows)
+
+
+def frontier_table(study: Study) -> str:
+    """Per size and kind: cells as successes/seeds with their state, per rung."""
+    head = ["size", "kind", "lr", *[f"{r}: {p}" for r, p, _ in study.points]]
+    mark = {"solved": "✓", "unsolved": "✗", "undetermined": "?"}
+    rows = []
+    for size in study.sizes:
+        for kind in study.kinds:
+            c = study.choices[(kind, size)]
+            cells = []
+            for _, p, _ in study.points:
+                s, n = study.cell(kind, size, p)
+                cells.append(f"{s}/{n} {mark[cell_state(s, n)]}" if n else "-")
+            rows.append([size, kind, f"{c.lr:g}" + ("" if c.setting == "default" else f" {c.setting}"), *cells])
+    return _table(head, rows)
+
+
+def paired_table(study: Study) -> str:
+    head = [
+        "size",
+        "reading",
+        "EA-only / DPA-only / pairs",
+        "sign test p",
+        "solved-points margin",
+        "rung margin",
+        "verdict",
+    ]
+    rows = []
+    for size in study.sizes:
+        for kind in (k for k in READINGS if k in study.kinds):
+            p = paired(study, kind, size)
+            rows.append(
+                [
+                    size,
+                    kind,
+                    f"{p.wins} / {p.losses} / {p.pairs}",
+                    f"{p.p_value:.3g}",
+                    _ci(p.margin),
+                    _ci(p.rung_margin),
+                    p.verdict,
+                ]
+            )
+    return _table(head, rows)
+
+
+def budget_table(study: Study, steps: int = 4) -> str:
+    """Mean per-seed frontier (highest solved single-task rung, -1 none) at budgets b/steps .. b."""
+    budgets = [study.budget * (i + 1) // steps for i in range(steps)]
+    head = ["size", "kind", *[f"b={b}" for b in budgets], "moves b/2→b"]
+    rows = []
+    for size in study.sizes:
+        for kind in study.kinds:
+            at = [statistics.fmean(study.highest(kind, size, s, False, b) for s in study.seeds) for b in budgets]
+            half = statistics.fmean(study.highest(kind, size, s, False, study.budget // 2) for s in study.seeds)
+            rows.append([size, kind, *[f"{x:.2f}" for x in at], "yes" if half != at[-1] else "no"])
+    return _table(head, rows)
+
+
+def compute_table(trials: Sequence[Trial]) -> str:
+    head = ["kind", "trials", "CPU-s", "GPU-s", *sorted({t.status for t in trials})]
+    rows = []
+    statuses = sorted({t.status for t in trials})
+    for kind in sorted({t.kind for t in trials}, key=lambda k: (k != REFERENCE, k)):
+        ts = [t for t in trials if t.kind == kind]
+        rows.append(
+            [kind, str(len(ts)), f"{math.fsum(t.cpu_s for t in ts):,.0f}", f"{math.fsum(t.gpu_s for t in ts):,.0f}"]
+            + [str(sum(t.status == s for t in ts)) for s in statuses]
+        )
+    rows.append(
+        [
+            "all",
+            str(len(trials)),
+            f"{math.fsum(t.cpu_s for t in trials):,.0f}",
+            f"{math.fsum(t.gpu_s for t in trials):,.0f}",
+        ]
+        + [str(sum(t.status == s for t in trials)) for s in statuses]
+    )
+    return _table(head, rows)
+
+
+# --- claim 1 input: the attention benchmark ---------------------------------------------
+
+
+def read_benchmark(path: str | Path) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """EA/DPA and EA-norm/DPA CPU step-time ratios from the first results table of docs/benchmarks.md.
+
+    Returns:
+        {kind: {size: (ratio of medians, IQR low, IQR high)}}.
+
+    Raises:
+        ValueError: if the table is not found.
+    """
+    text = Path(path).read_text()
+    start = text.find("### Results (CPU, final code)")
+    if start < 0:
+        raise ValueError(f"{path}: no '### Results (CPU, final code)' section")
+    ratio = re.compile(r"\*\*([\d.]+)\*\* \[([\d.]+)-([\d.]+)\]")
+    out: dict[str, dict[str, tuple[float, float, float]]] = {"ea": {}, "ea_norm": {}}
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        found = ratio.findall(line)
+        if line.startswith("| d") and len(found) == 2:
+            size = line.split("|")[1].strip()
+            for kind, (r, lo, hi) in zip(("ea", "ea_norm"), found, strict=True):
+                out[kind][size] = (float(r), float(lo), float(hi))
+    if not out["ea"]:
+        raise ValueError(f"{path}: no ratio rows in the CPU results table")
+    return out
+
+
+# --- the document ----------------------------------------------------------------------
+
+
+def blocks(trials: Sequence[Trial], bench: dict[str, dict[str, tuple[float, float, float]]]) -> dict[str, str]:
+    """Every generated block of the findings document, by name."""
+    study = Study.of(trials)
+    return {
+        "claims": claims_table(study, bench),
+        "frontier": frontier_table(study),
+        "paired": paired_table(study),
+        "budget": budget_table(study),
+        "compute": compute_table(trials),
+    }
+
+
+def render(doc: str, generated: dict[str, dict[str, str]]) -> str:
+    """``doc`` with each ``<!-- claims:DATA:NAME -->`` .. ``<!-- /claims:DATA:NAME -->`` block replaced
+    by block NAME of dataset DATA.
+
+    Raises:
+        ValueError: if the document names a dataset or block that is not generated.
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        data, name = m.group(1), m.group(2)
+        if name not in generated.get(data, {}):
+            raise ValueError(f"unknown block claims:{data}:{name}; generated: {sorted(generated)}")
+        return f"<!-- claims:{data}:{name} -->\n{generated[data][name]}<!-- /claims:{data}:{name} -->"
+
+    return TAG.sub(sub, doc)
+
+
+def datasets(doc: str) -> list[str]:
+    """The datasets a document's generated blocks name, in order of first use."""
+    return list(dict.fromkeys(m.group(1) for m in TAG.finditer(doc)))
+
+
+def rendered(doc_path: str | Path, data_dir: str | Path, benchmarks: str | Path) -> str:
+    """The document with every block regenerated from ``<data_dir>/<dataset>-trials.csv``."""
+    doc = Path(doc_path).read_text()
+    bench = read_benchmark(benchmarks)
+    return render(doc, {d: blocks(read_csv(Path(data_dir) / f"{d}-trials.csv"), bench) for d in datasets(doc)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Judge the paper's claims from trial CSVs; rewrite a findings document.")
+    p.add_argument("--export", nargs=2, metavar=("STUDY_DIR", "CSV"), help="write a study's trials as compact CSV")
+    p.add_argument("--selection-seeds", type=int, nargs="*", default=[], help="seeds that tune the lr (with --export)")
+    p.add_argument("--doc", default="docs/findings.md", help="the findings document to rewrite")
+    p.add_argument("--data", default="docs/data", help="where <dataset>-trials.csv live")
+    p.add_argument("--benchmarks", default="docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if args.export:
+        from studies.records import read_records
+
+        d = Path(args.export[0])
+        spec = StudySpec.model_validate_json((d / "spec.json").read_text())
+        write_csv(trials_from_records(spec, read_records(d / "trials.jsonl"), args.selection_seeds), args.export[1])
+        return 0
+    Path(args.doc).write_text(rendered(args.doc, args.data, args.benchmarks))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
