@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import random
 import re
@@ -651,10 +652,34 @@ def datasets(doc: str) -> list[str]:
 
 
 def rendered(doc_path: str | Path, data_dir: str | Path, benchmarks: str | Path) -> str:
-    """The document with every block regenerated from ``<data_dir>/<dataset>-trials.csv``."""
+    """The document with every block regenerated from its data under ``data_dir``:
+    ``<dataset>-trials.csv`` for the claims blocks, ``<dataset>-geometry.json`` for ``geometry``."""
     doc = Path(doc_path).read_text()
     bench = read_benchmark(benchmarks)
-    return render(doc, {d: blocks(read_csv(Path(data_dir) / f"{d}-trials.csv"), bench) for d in datasets(doc)})
+    generated: dict[str, dict[str, str]] = {}
+    for d in datasets(doc):
+        trials, geometry = Path(data_dir) / f"{d}-trials.csv", Path(data_dir) / f"{d}-geometry.json"
+        generated[d] = blocks(read_csv(trials), bench) if trials.exists() else {}
+        if geometry.exists():
+            generated[d]["geometry"] = geometry_block(json.loads(geometry.read_text())["rows"])
+    return render(doc, generated)
+
+
+def geometry_block(rows: list[dict[str, Any]]) -> str:
+    """Per kind: the geometry table rows, then the share of weight at t-T that came with a negative score."""
+    from workers.geometry import geometry_table
+
+    lines = []
+    for kind in sorted({r["kind"] for r in rows}, key=lambda k: (k != REFERENCE, k)):
+        mine = [r for r in rows if r["kind"] == kind]
+        w = math.fsum(r["mass_t_minus_T"] for r in mine)
+        neg = math.fsum(r["mass_t_minus_T"] * r["neg_share_t_minus_T"] for r in mine)
+        trials = {(r["point"], r["seed"], r["size"]) for r in mine}
+        lines.append(
+            f"- `{kind}`: {neg / w if w else 0:.0%} of the weight on key t-T came with a negative score "
+            f"({len(trials)} trained models, {len(mine)} heads)"
+        )
+    return geometry_table(rows) + "\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,7 +161,9 @@ def geometry_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of geometry rows (``HeadGeometry`` fields plus trial columns)."""
     cols = [
         ("kind", "kind", "{}"),
+        ("size", "size", "{}"),
         ("point", "point", "{}"),
+        ("seed", "seed", "{}"),
         ("status", "trial", "{}"),
         ("eval_acc", "acc", "{:.3f}"),
         ("layer", "layer", "{}"),
@@ -181,34 +183,46 @@ def geometry_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train one model per kind and print its attention geometry.")
+    p = argparse.ArgumentParser(
+        description="Train one model per kind, size, point and seed; print its attention geometry."
+    )
     p.add_argument("--kinds", nargs="+", default=["dpa", "ea", "ea_norm"])
     p.add_argument("--point", action="append", required=True, help="task point as N,T[+N,T...]; repeatable")
-    p.add_argument("--size", default="32,2,2", help="d_model,n_layers,n_heads")
+    p.add_argument("--size", action="append", required=True, help="d_model,n_layers,n_heads; repeatable")
     p.add_argument("--lr", type=json.loads, default="{}", help='per-kind lr as JSON, e.g. {"dpa": 0.003}')
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--context-length", type=int, default=16)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    d, n_layers, n_heads = (int(x) for x in args.size.split(","))
-    base = TrialConfig(d_model=d, n_layers=n_layers, n_heads=n_heads, seed=args.seed, max_steps=args.max_steps)
-    base = replace(base, context_length=args.context_length)
     rows: list[dict[str, Any]] = []
-    for point in args.point:
-        members = [[int(x) for x in m.split(",")] for m in point.split("+")]
-        for kind in args.kinds:
-            cfg = replace(base, attention=kind, task=members, lr=float(args.lr.get(kind, base.lr)))
-            record, heads = trained_geometry(cfg)
+    for size in args.size:
+        d, n_layers, n_heads = (int(x) for x in size.split(","))
+        for point in args.point:
+            members = [[int(x) for x in m.split(",")] for m in point.split("+")]
             name = "+".join(f"N{n}_T{t}" for n, t in members)
-            log.info("%s %s: %s acc=%s", kind, name, record["status"], record.get("eval_acc"))
-            trial = {"kind": kind, "point": name, "status": record["status"], "eval_acc": record.get("eval_acc")}
-            trial |= {"lr": cfg.lr, "seed": cfg.seed, "size": f"d{d}_l{n_layers}_h{n_heads}", "steps": record["steps"]}
-            rows += [trial | asdict(h) for h in heads]
+            for seed in args.seeds:
+                for kind in args.kinds:
+                    cfg = TrialConfig(
+                        attention=kind, task=members, d_model=d, n_layers=n_layers, n_heads=n_heads, seed=seed
+                    )
+                    lr = float(args.lr.get(kind, cfg.lr))
+                    cfg = replace(cfg, lr=lr, max_steps=args.max_steps, context_length=args.context_length)
+                    record, heads = trained_geometry(cfg)
+                    log.info("%s d%d %s s%d: %s acc=%s", kind, d, name, seed, record["status"], record.get("eval_acc"))
+                    trial = {
+                        "kind": kind,
+                        "point": name,
+                        "status": record["status"],
+                        "eval_acc": record.get("eval_acc"),
+                    }
+                    trial |= {"lr": lr, "seed": seed, "size": f"d{d}_l{n_layers}_h{n_heads}", "steps": record["steps"]}
+                    rows += [trial | asdict(h) for h in heads]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+            f.write("\n")
     print(geometry_table(rows))
     return 0
 
