@@ -11,8 +11,9 @@ Rules (stated once, used everywhere):
   mean accuracy, then the smaller lr); only *scoring* seeds at that lr count in any verdict.
 * A cell (kind, size, point) is solved when the Wilson 95% lower bound of its success rate over the
   scoring seeds is above 0.5, unsolved when the upper bound is below 0.5, else undetermined.
-* Paired margins (EA minus DPA) are computed per scoring seed, which both kinds share, and given
-  with a percentile bootstrap interval over seeds.
+* Paired comparisons (EA reading vs DPA) use the scoring seeds both kinds share, with exact sign
+  tests (claims 2 and 3); margins are shown with percentile bootstrap intervals over seeds, which
+  are too narrow with few seeds, so no verdict rests on them.
 * The budget rule: if DPA's per-seed frontier moves between step b/2 and b at any size, every
   verdict of claims 2-4 reads "at this budget".
 """
@@ -41,6 +42,7 @@ BOOTSTRAP_DRAWS = 10_000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 COST_TARGET = 1.05  # claim 1: "no extra compute" read as a step-time ratio within 5%
+NON_INFERIORITY = 0.1  # claim 2: DPA may win at most this share of pairs (95% upper bound)
 TAG = re.compile(r"<!-- claims:([\w-]+):(\w+) -->\n.*?<!-- /claims:\1:\2 -->", re.S)  # dataset, block
 
 # --- the compact trial CSV --------------------------------------------------------------
@@ -107,7 +109,7 @@ def trials_from_records(spec: StudySpec, records: Iterable[TrialRecord], selecti
                 lr=r.lr,
                 setting=_setting(r),
                 status=r.status,
-                eval_acc=r.eval_acc,
+                eval_acc=None if r.eval_acc is None else round(r.eval_acc, 5),
                 steps=r.steps,
                 steps_to_solve=r.steps_to_solve,
                 max_steps=spec.training.max_steps,
@@ -350,35 +352,47 @@ def paired(study: Study, kind: str, size: str) -> Paired:
     )
 
 
-def growth(study: Study, kind: str, multi: bool) -> tuple[float, float, float] | None:
+@dataclass(frozen=True)
+class Growth:
+    """EA's margin on a ladder's harder half minus its margin on the easier half, per (size, seed)."""
+
+    units: list[float]  # one per (size, scoring seed)
+    mean: tuple[float, float, float]  # mean with its bootstrap interval
+    p_value: float  # exact sign test: units that grow against units that shrink
+
+    @property
+    def ups(self) -> int:
+        return sum(u > 0 for u in self.units)
+
+    @property
+    def downs(self) -> int:
+        return sum(u < 0 for u in self.units)
+
+
+def growth(study: Study, kind: str, multi: bool) -> Growth | None:
     """How much EA's solve margin grows from the easier to the harder half of a ladder.
 
-    Per scoring seed, summed over sizes: mean(EA - DPA solved) on the harder half of the ladder's
-    rungs minus the same on the easier half (the middle rung of an odd ladder is left out). None
-    for a ladder of fewer than two rungs.
+    Per (size, scoring seed): mean(EA - DPA solved) on the harder half of the ladder's rungs minus
+    the same on the easier half (the middle rung of an odd ladder is left out). None for a ladder
+    of fewer than two rungs.
     """
-    rungs = [(r, p) for r, p, m in study.points if m == multi]
+    rungs = [p for _, p, m in study.points if m == multi]
     if len(rungs) < 2:
         return None
     half = len(rungs) // 2
     easy, hard = rungs[:half], rungs[-half:]
-    per_seed = []
-    for s in study.seeds:
-        g = 0.0
-        for size in study.sizes:
 
-            def margin(part: list[tuple[int, str]], size: str = size, s: int = s) -> float:
-                d = [
-                    int(a) - int(b)
-                    for _, p in part
-                    if (a := study.outcome(kind, size, p, s)) is not None
-                    and (b := study.outcome(REFERENCE, size, p, s)) is not None
-                ]
-                return statistics.fmean(d) if d else 0.0
+    def margin(part: list[str], size: str, seed: int) -> float:
+        d = [
+            int(a) - int(b)
+            for p in part
+            if (a := study.outcome(kind, size, p, seed)) is not None
+            and (b := study.outcome(REFERENCE, size, p, seed)) is not None
+        ]
+        return statistics.fmean(d) if d else 0.0
 
-            g += margin(hard) - margin(easy)
-        per_seed.append(g)
-    return bootstrap_mean(per_seed)
+    units = [margin(hard, size, s) - margin(easy, size, s) for size in study.sizes for s in study.seeds]
+    return Growth(units, bootstrap_mean(units), sign_test(sum(u > 0 for u in units), sum(u < 0 for u in units)))
 
 
 # --- verdicts ---------------------------------------------------------------------------
@@ -394,33 +408,47 @@ def _ci(m: tuple[float, float, float], unit: str = "") -> str:
     return f"{m[0]:+.2f}{unit} [{m[1]:+.2f}, {m[2]:+.2f}]"
 
 
-def claim1(bench: dict[str, dict[str, tuple[float, float, float]]], kind: str) -> Verdict:
-    """Claim 1 from the step-time benchmark: per size, ratio of medians and IQR of paired ratios."""
-    rows = bench.get(kind, {})
-    if not rows:
+def claim1(bench: Bench, kind: str) -> Verdict:
+    """Claim 1 from the benchmarks: CPU step time (ratio of medians, IQR of paired ratios) and
+    activation memory (exact bytes saved for backward). Within ``COST_TARGET`` on both is
+    supported; a memory ratio or a whole time IQR above it contradicts."""
+    times, memory = bench.time.get(kind, {}), bench.memory.get(kind, {})
+    if not times and not memory:
         return Verdict("undetermined", "no benchmark of this kind")
-    text = ", ".join(f"{size} {r:.3f} [{lo:.3f}-{hi:.3f}]" for size, (r, lo, hi) in rows.items())
-    if all(hi <= COST_TARGET for _, lo, hi in rows.values()):
-        state = "supported"
-    elif any(lo > COST_TARGET for _, lo, hi in rows.values()):
+    text = f"step time {kind}/dpa (CPU, median [IQR]): " + ", ".join(
+        f"{size} {r:.3f} [{lo:.3f}-{hi:.3f}]" for size, (r, lo, hi) in times.items()
+    )
+    if memory:
+        text += f"; activation memory {kind}/dpa: " + ", ".join(f"{size} {r:.3f}" for size, r in memory.items())
+    over = any(lo > COST_TARGET for _, lo, _ in times.values()) or any(r > COST_TARGET for r in memory.values())
+    if over:
         state = "contradicted"
+    elif times and memory and all(hi <= COST_TARGET for _, _, hi in times.values()):
+        state = "supported"
     else:
         state = "undetermined"
-    return Verdict(state, f"step time {kind}/dpa (CPU): {text}")
+    return Verdict(state, text)
 
 
 def claim2(study: Study, kind: str) -> Verdict:
-    """EA at least as good as DPA: supported when the per-seed solved-points margin's interval is
-    >= 0 at every size where anything was solved (and some size solved something); contradicted
-    when it is < 0 at some size."""
+    """EA at least as good as DPA, judged on (point, seed) pairs per size with exact tests.
+
+    Contradicted when DPA is ahead at some size (sign test p < 0.05). Supported when at every size
+    where anything was solved EA is ahead (p < 0.05) or DPA-only pairs are rare with confidence
+    (their Wilson 95% upper bound <= ``NON_INFERIORITY``).
+    """
     ps = [paired(study, kind, s) for s in study.sizes]
     text = "; ".join(
-        f"{p.size}: {_ci(p.margin, ' pts')}, {p.wins}-{p.losses} of {p.pairs}, p={p.p_value:.2g}" for p in ps
+        f"{p.size}: {p.wins} EA-only vs {p.losses} DPA-only of {p.pairs} pairs, p={p.p_value:.2g}, "
+        f"margin {_ci(p.margin, ' pts')}"
+        for p in ps
     )
-    live = [p for p in ps if p.any_solved]
-    if any(p.margin[2] < 0 for p in live):
+    live = [p for p in ps if p.any_solved and p.pairs]
+    if any(p.verdict == "DPA ahead" for p in live):
         state = "contradicted"
-    elif live and all(p.margin[1] >= 0 for p in live):
+    elif live and all(
+        p.verdict == "EA ahead" or wilson_interval(p.losses, p.pairs)[1] <= NON_INFERIORITY for p in live
+    ):
         state = "supported"
     else:
         state = "undetermined"
@@ -428,8 +456,9 @@ def claim2(study: Study, kind: str) -> Verdict:
 
 
 def claim3(study: Study, kind: str) -> Verdict:
-    """EA's margin grows with complexity on every ladder (single- and multi-task): supported when
-    every ladder's growth interval is > 0; contradicted when some ladder's is <= 0 entirely."""
+    """EA's margin grows with complexity on every ladder (single- and multi-task), judged by an exact
+    sign test over (size, seed) units: supported when it grows on every ladder (p < 0.05);
+    contradicted when it shrinks on some ladder (p < 0.05)."""
     parts, states = [], []
     for multi in _ladders(study):
         g = growth(study, kind, multi)
@@ -438,15 +467,18 @@ def claim3(study: Study, kind: str) -> Verdict:
             parts.append(f"{name}: one rung, no trend")
             states.append("undetermined")
             continue
-        parts.append(f"{name}: {_ci(g)}")
-        states.append("supported" if g[1] > 0 else "contradicted" if g[2] <= 0 else "undetermined")
+        parts.append(f"{name}: {_ci(g.mean)}, {g.ups} up / {g.downs} down of {len(g.units)}, p={g.p_value:.2g}")
+        significant = g.p_value < 0.05
+        states.append(
+            "supported" if significant and g.ups > g.downs else "contradicted" if significant else "undetermined"
+        )
     if "contradicted" in states:
         state = "contradicted"
     elif states and all(s == "supported" for s in states):
         state = "supported"
     else:
         state = "undetermined"
-    return Verdict(state, "growth of the margin, hard half minus easy half: " + "; ".join(parts))
+    return Verdict(state, "margin growth, hard half minus easy half: " + "; ".join(parts))
 
 
 def claim4(study: Study, kind: str) -> Verdict:
@@ -488,7 +520,7 @@ CLAIMS = {
 }
 
 
-def claims_table(study: Study, bench: dict[str, dict[str, tuple[float, float, float]]]) -> str:
+def claims_table(study: Study, bench: Bench) -> str:
     moved = budget_moves(study)
     qualifier = " at this budget" if any(moved.values()) else ""
     readings = [k for k in READINGS if k in study.kinds]
@@ -586,11 +618,17 @@ def compute_table(trials: Sequence[Trial]) -> str:
 # --- claim 1 input: the attention benchmark ---------------------------------------------
 
 
-def read_benchmark(path: str | Path) -> dict[str, dict[str, tuple[float, float, float]]]:
-    """EA/DPA and EA-norm/DPA CPU step-time ratios from the first results table of docs/benchmarks.md.
+@dataclass(frozen=True)
+class Bench:
+    """Claim 1's evidence: {kind: {size: (ratio, IQR low, IQR high)}} and {kind: {size: memory ratio}}."""
 
-    Returns:
-        {kind: {size: (ratio of medians, IQR low, IQR high)}}.
+    time: dict[str, dict[str, tuple[float, float, float]]]
+    memory: dict[str, dict[str, float]]
+
+
+def read_benchmark(path: str | Path, memory: str | Path | None = None) -> Bench:
+    """EA/DPA and EA-norm/DPA CPU step-time ratios from the first results table of docs/benchmarks.md,
+    and activation-memory ratios from ``benchmarks.bench_memory``'s JSON.
 
     Raises:
         ValueError: if the table is not found.
@@ -600,7 +638,7 @@ def read_benchmark(path: str | Path) -> dict[str, dict[str, tuple[float, float, 
     if start < 0:
         raise ValueError(f"{path}: no '### Results (CPU, final code)' section")
     ratio = re.compile(r"\*\*([\d.]+)\*\* \[([\d.]+)-([\d.]+)\]")
-    out: dict[str, dict[str, tuple[float, float, float]]] = {"ea": {}, "ea_norm": {}}
+    times: dict[str, dict[str, tuple[float, float, float]]] = {"ea": {}, "ea_norm": {}}
     for line in text[start:].splitlines()[1:]:
         if line.startswith("#"):
             break
@@ -608,16 +646,22 @@ def read_benchmark(path: str | Path) -> dict[str, dict[str, tuple[float, float, 
         if line.startswith("| d") and len(found) == 2:
             size = line.split("|")[1].strip()
             for kind, (r, lo, hi) in zip(("ea", "ea_norm"), found, strict=True):
-                out[kind][size] = (float(r), float(lo), float(hi))
-    if not out["ea"]:
+                times[kind][size] = (float(r), float(lo), float(hi))
+    if not times["ea"]:
         raise ValueError(f"{path}: no ratio rows in the CPU results table")
-    return out
+    mem: dict[str, dict[str, float]] = {}
+    if memory is not None:
+        saved = json.loads(Path(memory).read_text())["saved_bytes"]
+        for size, by_kind in sorted(saved.items(), key=lambda kv: int(kv[0].lstrip("d"))):
+            for kind in READINGS:
+                mem.setdefault(kind, {})[size] = by_kind[kind] / by_kind[REFERENCE]
+    return Bench(times, mem)
 
 
 # --- the document ----------------------------------------------------------------------
 
 
-def blocks(trials: Sequence[Trial], bench: dict[str, dict[str, tuple[float, float, float]]]) -> dict[str, str]:
+def blocks(trials: Sequence[Trial], bench: Bench) -> dict[str, str]:
     """Every generated block of the findings document, by name."""
     study = Study.of(trials)
     return {
@@ -655,7 +699,7 @@ def rendered(doc_path: str | Path, data_dir: str | Path, benchmarks: str | Path)
     """The document with every block regenerated from its data under ``data_dir``:
     ``<dataset>-trials.csv`` for the claims blocks, ``<dataset>-geometry.json`` for ``geometry``."""
     doc = Path(doc_path).read_text()
-    bench = read_benchmark(benchmarks)
+    bench = read_benchmark(benchmarks, Path(data_dir) / "attention-memory.json")
     generated: dict[str, dict[str, str]] = {}
     for d in datasets(doc):
         trials, geometry = Path(data_dir) / f"{d}-trials.csv", Path(data_dir) / f"{d}-geometry.json"
@@ -689,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default="docs/findings.md", help="the findings document to rewrite")
     p.add_argument("--data", default="docs/data", help="where <dataset>-trials.csv live")
     p.add_argument("--benchmarks", default="docs/benchmarks.md")
+    p.add_argument("--figures", help="also write each dataset's figures (<dataset>-cells.png, -budget.png) here")
     args = p.parse_args(argv)
     if args.export:
         from studies.records import read_records
@@ -698,6 +743,13 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(trials_from_records(spec, read_records(d / "trials.jsonl"), args.selection_seeds), args.export[1])
         return 0
     Path(args.doc).write_text(rendered(args.doc, args.data, args.benchmarks))
+    if args.figures:
+        from studies.claims_plots import write_figures
+
+        for name in datasets(Path(args.doc).read_text()):
+            csv_path = Path(args.data) / f"{name}-trials.csv"
+            if csv_path.exists():
+                write_figures(Study.of(read_csv(csv_path)), Path(args.figures), name)
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from studies.claims import (
+    Bench,
     Study,
     Trial,
     bootstrap_mean,
@@ -105,6 +106,7 @@ def test_several_settings_without_selection_seeds_are_refused() -> None:
 
 
 def test_claim2_follows_the_paired_truth() -> None:
+    # EA ahead in 10 of 20 pairs, never behind: sign test p = 2/1024
     assert claim2(Study.of(sim({"dpa": {0}, "ea": {0, 1, 2}})), "ea").state == "supported"
     assert claim2(Study.of(sim({"dpa": {0, 1, 2}, "ea": {0}})), "ea").state == "contradicted"
     assert claim2(Study.of(sim({"dpa": set(), "ea": set()})), "ea").state == "undetermined"  # nothing solved
@@ -118,12 +120,21 @@ def test_claim2_follows_the_paired_truth() -> None:
         for t in mixed
     ]
     assert claim2(Study.of(mixed), "ea").state == "undetermined"
+    # level everywhere: supported only once DPA-only pairs are rare with confidence (Wilson upper <= 0.1)
+    level = sim({"dpa": {0, 1}, "ea": {0, 1}}, seeds=range(5))
+    assert claim2(Study.of(level), "ea").state == "undetermined"  # 0 of 20 pairs: upper bound 0.16
+    level = sim({"dpa": {0, 1}, "ea": {0, 1}}, seeds=range(10))
+    assert claim2(Study.of(level), "ea").state == "supported"  # 0 of 40: upper bound 0.088
 
 
 def test_claim3_growth_on_both_ladders() -> None:
-    grows = sim({"dpa": {0, 1, 4}, "ea": {0, 1, 2, 3, 4, 5}}, points=LADDER + MULTI)
+    six = range(6)  # six (size, seed) units all one way: sign test p = 1/32; five would give 1/16
+    grows = sim({"dpa": {0, 1, 4}, "ea": {0, 1, 2, 3, 4, 5}}, seeds=six, points=LADDER + MULTI)
     assert claim3(Study.of(grows), "ea").state == "supported"
-    shrinks = sim({"dpa": {2, 3, 4, 5}, "ea": {0, 1, 2, 3, 4, 5}}, points=LADDER + MULTI)
+    assert claim3(Study.of(sim({"dpa": {0, 1, 4}, "ea": {0, 1, 2, 3, 4, 5}}, points=LADDER + MULTI)), "ea").state == (
+        "undetermined"
+    )
+    shrinks = sim({"dpa": {2, 3, 4, 5}, "ea": {0, 1, 2, 3, 4, 5}}, seeds=six, points=LADDER + MULTI)
     assert claim3(Study.of(shrinks), "ea").state == "contradicted"
     single_only = sim({"dpa": {0, 1}, "ea": {0, 1, 2, 3}}, points=LADDER + MULTI[:1])
     v = claim3(Study.of(single_only), "ea")
@@ -141,12 +152,16 @@ def test_budget_rule_sees_a_moving_dpa_frontier() -> None:
     assert budget_moves(Study.of(sim({"dpa": {0, 1}, "ea": {0}}, step=500))) == {"d16_l1_h2": True}
 
 
-def test_claim1_from_the_committed_benchmark() -> None:
-    bench = read_benchmark(ROOT / "docs" / "benchmarks.md")
-    assert set(bench["ea"]) >= {"d32", "d64", "d128", "d256"}
-    assert claim1({"ea": {"d32": (1.01, 0.99, 1.03)}}, "ea").state == "supported"
-    assert claim1({"ea": {"d32": (1.2, 1.1, 1.3)}}, "ea").state == "contradicted"
-    assert claim1({"ea": {"d32": (1.04, 1.01, 1.07)}}, "ea").state == "undetermined"
+def test_claim1_from_the_committed_benchmarks() -> None:
+    bench = read_benchmark(ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "data" / "attention-memory.json")
+    assert set(bench.time["ea"]) >= {"d32", "d64", "d128", "d256"}
+    assert set(bench.memory["ea_norm"]) == {"d32", "d64", "d128", "d256"}
+    fast, slow, noisy = (1.01, 0.99, 1.03), (1.2, 1.1, 1.3), (1.04, 1.01, 1.07)
+    assert claim1(Bench({"ea": {"d32": fast}}, {"ea": {"d32": 1.0}}), "ea").state == "supported"
+    assert claim1(Bench({"ea": {"d32": slow}}, {"ea": {"d32": 1.0}}), "ea").state == "contradicted"
+    assert claim1(Bench({"ea": {"d32": noisy}}, {"ea": {"d32": 1.0}}), "ea").state == "undetermined"
+    assert claim1(Bench({"ea": {"d32": fast}}, {"ea": {"d32": 1.2}}), "ea").state == "contradicted"  # memory
+    assert claim1(Bench({"ea": {"d32": fast}}, {}), "ea").state == "undetermined"  # memory not measured
 
 
 def test_render_replaces_blocks_and_refuses_unknown_ones() -> None:
