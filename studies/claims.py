@@ -42,6 +42,7 @@ BOOTSTRAP_DRAWS = 10_000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 COST_TARGET = 1.05  # claim 1: "no extra compute" read as a step-time ratio within 5%
+READER = 0.5  # geometry: a head "reads" key t-T when its mean weight there is at least this
 NON_INFERIORITY = 0.1  # claim 2: DPA may win at most this share of pairs (95% upper bound)
 TAG = re.compile(r"<!-- claims:([\w-]+):(\w+) -->\n.*?<!-- /claims:\1:\2 -->", re.S)  # dataset, block
 
@@ -719,8 +720,11 @@ def geometry_block(rows: list[dict[str, Any]]) -> str:
         w = math.fsum(r["mass_t_minus_T"] for r in mine)
         neg = math.fsum(r["mass_t_minus_T"] * r["neg_share_t_minus_T"] for r in mine)
         trials = {(r["point"], r["seed"], r["size"]) for r in mine}
+        readers = [r for r in mine if r["mass_t_minus_T"] >= READER]
+        anti = sum(r["score_t_minus_T"] < 0 for r in readers)
         lines.append(
-            f"- `{kind}`: {neg / w if w else 0:.0%} of the weight on key t-T came with a negative score "
+            f"- `{kind}`: {neg / w if w else 0:.0%} of the weight on key t-T came with a negative score; "
+            f"{anti} of {len(readers)} heads that read t-T (weight >= {READER}) did so with a negative mean score "
             f"({len(trials)} trained models, {len(mine)} heads)"
         )
     return geometry_table(rows) + "\n" + "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import workers.model as model_module
+from workers.evaluation import build_eval_sets
 from workers.model import Transformer
 from workers.trial import TrialConfig, run_trial
 
@@ -132,8 +133,9 @@ def attention_geometry(model: Transformer, inputs: Tensor, lookback: Tensor, sco
     return [row for layer, (s, w) in enumerate(calls) for row in head_geometry(s, w, lookback, scored, layer)]
 
 
-def trained_geometry(cfg: TrialConfig, n_sequences: int = 256) -> tuple[dict[str, Any], list[HeadGeometry]]:
-    """Train one trial as ``run_trial`` does, then measure its final model on held-out sequences.
+def trained_geometry(cfg: TrialConfig) -> tuple[dict[str, Any], list[HeadGeometry]]:
+    """Train one trial as ``run_trial`` does, then measure its final model on its held-out
+    confirmation set (set B, the set its recorded accuracy comes from).
 
     Returns:
         The trial's record and the geometry of its final model.
@@ -149,10 +151,8 @@ def trained_geometry(cfg: TrialConfig, n_sequences: int = 256) -> tuple[dict[str
         raise RuntimeError(f"trial ended without an evaluation ({record['status']}: {record.get('error')})")
     model = Transformer(cfg.model_config())
     model.load_state_dict(final)
-    from workers.tasks import NTStream
-
     mix = cfg.mix()
-    data = NTStream(mix, cfg.context_length, cfg.seed, "eval").batch(n_sequences, stratified=True)
+    data = build_eval_sets(mix, cfg.context_length, cfg.seed, cfg.threshold, cfg.holdout).confirm
     lookback = torch.tensor([m.t for m in mix.members])[data.member]
     return record, attention_geometry(model, data.inputs, lookback, data.scored)
 

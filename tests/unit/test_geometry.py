@@ -110,7 +110,7 @@ def test_trained_geometry_of_a_real_trial() -> None:
         task=[[7, 1], [7, 2]], d_model=16, n_layers=2, n_heads=2, context_length=12, batch_size=32,
         max_steps=40, warmup_steps=5, eval_interval=20, eval_sequences=64, device="cpu",
     )  # fmt: skip
-    record, heads = trained_geometry(cfg, n_sequences=64)
+    record, heads = trained_geometry(cfg)
     assert record["steps"] == 40
     assert [(g.layer, g.head) for g in heads] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for g in heads:
