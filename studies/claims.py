@@ -65,7 +65,9 @@ class Trial:
     lr: float
     setting: str  # the fairness setting (init scale / temperature) as a label; "default" if none
     status: str
-    eval_acc: float | None
+    eval_acc: float | None  # on the held-out confirmation set
+    eval_acc_lo: float | None  # its Wilson 95% interval (records before nt-3 have none)
+    eval_acc_hi: float | None
     steps: int
     steps_to_solve: int | None
     max_steps: int
@@ -90,6 +92,10 @@ def _setting(rec: TrialRecord) -> str:
     return ",".join(parts) or "default"
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)
+
+
 def trials_from_records(spec: StudySpec, records: Iterable[TrialRecord], selection_seeds: Sequence[int]) -> list[Trial]:
     """Compact trials of a study; ``selection_seeds`` tune the lr, the other seeds score."""
     points = {p.name: p for p in spec.task.points()}
@@ -110,7 +116,9 @@ def trials_from_records(spec: StudySpec, records: Iterable[TrialRecord], selecti
                 lr=r.lr,
                 setting=_setting(r),
                 status=r.status,
-                eval_acc=None if r.eval_acc is None else round(r.eval_acc, 5),
+                eval_acc=_round(r.eval_acc),
+                eval_acc_lo=_round(getattr(r, "eval_acc_lo", None)),
+                eval_acc_hi=_round(getattr(r, "eval_acc_hi", None)),
                 steps=r.steps,
                 steps_to_solve=r.steps_to_solve,
                 max_steps=spec.training.max_steps,
@@ -147,6 +155,8 @@ def read_csv(path: str | Path) -> list[Trial]:
         "cpu_s": float,
         "gpu_s": float,
         "eval_acc": lambda s: float(s) if s else None,
+        "eval_acc_lo": lambda s: float(s) if s else None,
+        "eval_acc_hi": lambda s: float(s) if s else None,
         "steps_to_solve": lambda s: int(s) if s else None,
     }
     out = []

@@ -31,7 +31,8 @@ LADDER = [(0, "N7_T2", False), (1, "N13_T2", False), (2, "N13_T4", False), (3, "
 MULTI = [(4, "N7_T1+N7_T2", True), (5, "N13_T1+N13_T2", True)]
 BASE = Trial(
     study="sim", kind="dpa", size="d16_l1_h2", n_params=4000, point="N7_T2", rung=0, multi=False, seed=0,
-    role="scoring", lr=0.003, setting="default", status="unsolved", eval_acc=0.5, steps=800,
+    role="scoring", lr=0.003, setting="default", status="unsolved", eval_acc=0.5, eval_acc_lo=0.49,
+    eval_acc_hi=0.51, steps=800,
     steps_to_solve=None, max_steps=800, cpu_s=1.0, gpu_s=0.0,
 )  # fmt: skip
 
