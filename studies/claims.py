@@ -87,8 +87,11 @@ _COLUMNS = [f.name for f in fields(Trial)]
 
 
 def _setting(rec: TrialRecord) -> str:
-    extra = rec.model_extra or {}
-    parts = [f"{k}={extra[k]:g}" for k in ("init_scale", "qk_init_scale", "temperature") if extra.get(k) is not None]
+    """The trial's fairness setting as a label: q/k/v init std and temperature where recorded."""
+    cfg = rec.config if isinstance(getattr(rec, "config", None), dict) else {}
+    parts = [f"{key}={cfg[key]:g}" for key in ("qkv_init_std", "temperature") if isinstance(cfg.get(key), int | float)]
+    if cfg.get("learn_temperature"):
+        parts.append("learned temperature")
     return ",".join(parts) or "default"
 
 
