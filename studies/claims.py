@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import math
-import random
 import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -33,14 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from studies.records import OUTCOMES, TrialRecord
-from studies.report import wilson_interval
 from studies.spec import StudySpec
+from studies.stats import ALPHA, bootstrap_mean_interval, decide, exact_mcnemar, sign_test, wilson_interval
 
 REFERENCE = "dpa"
 READINGS = {"ea": "softmax(s²)", "ea_norm": "s²/Σs²"}
-BOOTSTRAP_DRAWS = 10_000
-BOOTSTRAP_SEED = 0
-CI_LEVEL = 0.95
 COST_TARGET = 1.05  # claim 1: "no extra compute" read as a step-time ratio within 5%
 READER = 0.5  # geometry: a head "reads" key t-T when its mean weight there is at least this
 NON_INFERIORITY = 0.1  # claim 2: DPA may win at most this share of pairs (95% upper bound)
@@ -179,32 +175,17 @@ def read_csv(path: str | Path) -> list[Trial]:
 # --- statistics -------------------------------------------------------------------------
 
 
-def bootstrap_mean(values: Sequence[float], draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float, float]:
-    """Mean and percentile bootstrap interval (95%) of ``values``; deterministic (fixed RNG seed)."""
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """Mean and its 95% bootstrap interval over units (no interval below two units)."""
     if not values:
-        raise ValueError("bootstrap_mean needs at least one value")
-    rng = random.Random(BOOTSTRAP_SEED)
-    n = len(values)
-    means = sorted(math.fsum(rng.choices(values, k=n)) / n for _ in range(draws))
-    tail = (1 - CI_LEVEL) / 2
-    return statistics.fmean(values), means[int(tail * draws)], means[math.ceil((1 - tail) * draws) - 1]
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Exact two-sided sign (McNemar) test p-value for paired wins and losses; ties dropped."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    return min(1.0, 2 * math.fsum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+        raise ValueError("mean_ci needs at least one value")
+    ci = bootstrap_mean_interval(values)
+    return statistics.fmean(values), ci[0] if ci else None, ci[1] if ci else None
 
 
 def cell_state(successes: int, n: int) -> str:
-    """solved / unsolved / undetermined from the Wilson 95% interval against 0.5."""
-    if n == 0:
-        return "undetermined"
-    low, high = wilson_interval(successes, n)
-    return "solved" if low > 0.5 else "unsolved" if high < 0.5 else "undetermined"
+    """The report's three-state call (``studies.stats.decide``); undetermined without outcomes."""
+    return decide(successes, n) if n else "undetermined"
 
 
 # --- the analysis -----------------------------------------------------------------------
@@ -326,13 +307,13 @@ class Paired:
     losses: int  # pairs only DPA solved
     pairs: int
     p_value: float
-    margin: tuple[float, float, float]  # per-seed solved-points margin: mean, low, high
-    rung_margin: tuple[float, float, float]  # per-seed single-task frontier margin, in rungs
+    margin: tuple[float, float | None, float | None]  # per-seed solved-points margin: mean, low, high
+    rung_margin: tuple[float, float | None, float | None]  # per-seed single-task frontier margin, in rungs
     any_solved: bool
 
     @property
     def verdict(self) -> str:
-        if self.p_value < 0.05:
+        if self.p_value < ALPHA:
             return "EA ahead" if self.wins > self.losses else "DPA ahead"
         return "no detectable difference"
 
@@ -359,9 +340,9 @@ def paired(study: Study, kind: str, size: str) -> Paired:
         wins,
         losses,
         pairs,
-        sign_test(wins, losses),
-        bootstrap_mean(per_seed),
-        bootstrap_mean(per_seed_rung),
+        exact_mcnemar(wins, losses),
+        mean_ci(per_seed),
+        mean_ci(per_seed_rung),
         any_solved,
     )
 
@@ -371,7 +352,7 @@ class Growth:
     """EA's margin on a ladder's harder half minus its margin on the easier half, per (size, seed)."""
 
     units: list[float]  # one per (size, scoring seed)
-    mean: tuple[float, float, float]  # mean with its bootstrap interval
+    mean: tuple[float, float | None, float | None]  # mean with its bootstrap interval
     p_value: float  # exact sign test: units that grow against units that shrink
 
     @property
@@ -406,7 +387,7 @@ def growth(study: Study, kind: str, multi: bool) -> Growth | None:
         return statistics.fmean(d) if d else 0.0
 
     units = [margin(hard, size, s) - margin(easy, size, s) for size in study.sizes for s in study.seeds]
-    return Growth(units, bootstrap_mean(units), sign_test(sum(u > 0 for u in units), sum(u < 0 for u in units)))
+    return Growth(units, mean_ci(units), sign_test(units))
 
 
 # --- verdicts ---------------------------------------------------------------------------
@@ -418,7 +399,9 @@ class Verdict:
     evidence: str
 
 
-def _ci(m: tuple[float, float, float], unit: str = "") -> str:
+def _ci(m: tuple[float, float | None, float | None], unit: str = "") -> str:
+    if m[1] is None or m[2] is None:
+        return f"{m[0]:+.2f}{unit} (one unit, no interval)"
     return f"{m[0]:+.2f}{unit} [{m[1]:+.2f}, {m[2]:+.2f}]"
 
 
@@ -482,7 +465,7 @@ def claim3(study: Study, kind: str) -> Verdict:
             states.append("undetermined")
             continue
         parts.append(f"{name}: {_ci(g.mean)}, {g.ups} up / {g.downs} down of {len(g.units)}, p={g.p_value:.2g}")
-        significant = g.p_value < 0.05
+        significant = g.p_value < ALPHA
         states.append(
             "supported" if significant and g.ups > g.downs else "contradicted" if significant else "undetermined"
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from studies.claims import Study
-from studies.report import wilson_interval
+from studies.stats import wilson_interval
 
 COLORS = {"dpa": "#1f77b4", "ea": "#d62728", "ea_norm": "#2ca02c"}
 DPI = 110

@@ -11,7 +11,6 @@ from studies.claims import (
     Bench,
     Study,
     Trial,
-    bootstrap_mean,
     budget_moves,
     cell_state,
     choose,
@@ -19,10 +18,10 @@ from studies.claims import (
     claim2,
     claim3,
     claim4,
+    mean_ci,
     read_benchmark,
     read_csv,
     render,
-    sign_test,
     write_csv,
 )
 
@@ -54,19 +53,13 @@ def sim(solves: dict[str, set[int]], seeds: range = range(5), points: list = LAD
     return out
 
 
-def test_sign_test_exact_values() -> None:
-    assert sign_test(5, 0) == pytest.approx(2 / 32)
-    assert sign_test(6, 0) == pytest.approx(2 / 64)
-    assert sign_test(3, 3) == 1.0
-    assert sign_test(0, 0) == 1.0
-
-
-def test_bootstrap_is_deterministic_and_brackets_the_mean() -> None:
-    assert bootstrap_mean([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
-    m, lo, hi = bootstrap_mean([0.0, 1.0, 3.0, 4.0])
-    assert lo < m < hi and (m, lo, hi) == bootstrap_mean([0.0, 1.0, 3.0, 4.0])
+def test_mean_ci_uses_the_reports_bootstrap() -> None:
+    assert mean_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    m, lo, hi = mean_ci([0.0, 1.0, 3.0, 4.0])
+    assert lo is not None and hi is not None and lo < m < hi
+    assert mean_ci([1.0]) == (1.0, None, None)
     with pytest.raises(ValueError):
-        bootstrap_mean([])
+        mean_ci([])
 
 
 def test_cell_state_needs_enough_seeds() -> None:
