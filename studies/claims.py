@@ -125,7 +125,11 @@ def trials_from_records(spec: StudySpec, records: Iterable[TrialRecord], selecti
                 gpu_s=round(r.gpu_s, 2),
             )
         )
-    return sorted(out, key=lambda t: (t.kind, t.n_params, t.rung, t.seed, t.lr, t.setting))
+    return sorted(out, key=_order)
+
+
+def _order(t: Trial) -> tuple[Any, ...]:
+    return (t.kind, t.n_params, t.rung, t.seed, t.lr, t.setting, t.study)
 
 
 def write_csv(trials: Sequence[Trial], path: str | Path) -> None:
@@ -728,7 +732,8 @@ def geometry_block(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Judge the paper's claims from trial CSVs; rewrite a findings document.")
-    p.add_argument("--export", nargs=2, metavar=("STUDY_DIR", "CSV"), help="write a study's trials as compact CSV")
+    p.add_argument("--export", metavar="CSV", help="write the trials of --studies as one compact CSV")
+    p.add_argument("--studies", nargs="+", default=[], metavar="STUDY_DIR", help="study directories to export")
     p.add_argument("--selection-seeds", type=int, nargs="*", default=[], help="seeds that tune the lr (with --export)")
     p.add_argument("--doc", default="docs/findings.md", help="the findings document to rewrite")
     p.add_argument("--data", default="docs/data", help="where <dataset>-trials.csv live")
@@ -738,9 +743,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         from studies.records import read_records
 
-        d = Path(args.export[0])
-        spec = StudySpec.model_validate_json((d / "spec.json").read_text())
-        write_csv(trials_from_records(spec, read_records(d / "trials.jsonl"), args.selection_seeds), args.export[1])
+        trials: list[Trial] = []
+        for study_dir in map(Path, args.studies):
+            spec = StudySpec.model_validate_json((study_dir / "spec.json").read_text())
+            trials += trials_from_records(spec, read_records(study_dir / "trials.jsonl"), args.selection_seeds)
+        write_csv(sorted(trials, key=_order), args.export)
         return 0
     Path(args.doc).write_text(rendered(args.doc, args.data, args.benchmarks))
     if args.figures:
