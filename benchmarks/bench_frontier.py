@@ -1,33 +1,185 @@
-"""Frontier search vs grid: trials and CPU-seconds to recover the grid's capacity frontier.
+"""Boundary search vs full grid: the same determined frontier for a fraction of the CPU-seconds?
 
-Runs the same spec twice on local Ray, once with ``search.method: grid`` (ground truth)
-and once with ``frontier`` (bisection per lane), each in its own driver process, and
-compares the frontiers, trial counts and CPU-seconds. Repeat with ``--repeats`` to get
-medians.
+Three ladders from simulated truths (P(solved) per kind, size and rung; one ladder has a hole),
+each run twice on the same simulated trials: the grid runs every (kind, size, rung, seed), the
+``frontier`` search (``workers.search.FrontierSearch``) decides what to run, driven as Ray
+Tune drives it (``--concurrency`` trials in flight). A trial's outcome and cost depend only on
+its (kind, size, rung, seed, salt), so both searches see the same data. A solved trial costs
+its steps-to-solve, an unsolved one the whole budget (stop-when-solved), times a per-size
+step cost. Both trial sets go through ``build_report``; we compare the determined frontiers,
+count cells decided with confidence in opposite ways (must be 0) and take the CPU-s ratio.
+``--repeats`` salts give medians. ``--real SPEC`` also runs a real study both ways on local
+Ray, each in its own driver process.
 
-    .venv/bin/python -m benchmarks.bench_frontier studies/quickstart.yaml --repeats 1
+    .venv/bin/python -m benchmarks.bench_frontier --repeats 20
+    .venv/bin/python -m benchmarks.bench_frontier --repeats 5 --real studies/quickstart.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studies.records import read_records
-from studies.report import build_report
+from ray.tune.search import Searcher
+
+from studies.records import TrialRecord, read_records
+from studies.report import Report, build_report
 from studies.spec import StudySpec
+from workers.search import FrontierSearch, make_cell
+
+RUNGS = [[[5, 1]], [[7, 1]], [[7, 2]], [[11, 2]], [[13, 2]], [[13, 3]], [[17, 3]], [[19, 4]], [[23, 4]], [[29, 4]]]
+SIZES = [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2}]
+SIZES3 = [*SIZES, {"d_model": 64, "n_layers": 2, "n_heads": 4}]
+MAX_STEPS = 2000
 
 
-def run_once(spec: StudySpec, method: str, data_dir: Path) -> dict[str, Any]:
-    s = spec.model_copy(update={"search": spec.search.model_copy(update={"method": method})})
-    s = StudySpec.model_validate(s.model_dump())
+@dataclass(frozen=True)
+class Ladder:
+    """A simulated truth: P(solved) per (kind, size index, rung)."""
+
+    name: str
+    spec: StudySpec
+    p: Callable[[str, int, int], float]
+
+
+def _spec(name: str, sizes: list[dict[str, int]], kinds: list[str], n_rungs: int) -> StudySpec:
+    return StudySpec.model_validate(
+        {
+            "name": name,
+            "attention": kinds,
+            "task": {"ladder": RUNGS[:n_rungs]},
+            "model": {"sizes": sizes},
+            "seeds": list(range(8)),
+            "training": {"max_steps": MAX_STEPS, "eval_interval": 100, "context_length": 16},
+            "search": {"method": "frontier"},
+            "caps": {"max_trials": 10_000},
+        }
+    )
+
+
+def _step(boundary: int, rung: int, sharp: float = 0.97) -> float:
+    return sharp if rung <= boundary else 1 - sharp
+
+
+LADDERS = [
+    Ladder(  # clear boundaries; ea one rung ahead at the small size
+        "monotone",
+        _spec("monotone", SIZES, ["dpa", "ea"], 10),
+        lambda k, s, r: _step({("dpa", 0): 2, ("ea", 0): 3, ("dpa", 1): 6, ("ea", 1): 6}[(k, s)], r),
+    ),
+    Ladder(  # three kinds, three sizes, a rung at P = 0.5 right at each boundary
+        "noisy",
+        _spec("noisy", SIZES3, ["dpa", "ea", "ea_norm"], 10),
+        lambda k, s, r: 0.5 if r == 1 + 2 * s + (k == "ea_norm") else _step(2 * s + (k == "ea_norm"), r, 0.95),
+    ),
+    Ladder(  # like N16_T4 unsolved but N16_T8 solved: a hole at rung 3 for every kind and size
+        "non-monotone",
+        _spec("nonmono", SIZES, ["dpa", "ea"], 10),
+        lambda k, s, r: (
+            0.03 if r == 3 else _step({("dpa", 0): 5, ("ea", 0): 6, ("dpa", 1): 7, ("ea", 1): 8}[(k, s)], r)
+        ),
+    ),
+]
+
+
+def _u(*key: Any) -> float:
+    """A uniform number fixed by the key: the same trial gives the same outcome in both searches."""
+    return int(hashlib.sha256(repr(key).encode()).hexdigest()[:12], 16) / 16**12
+
+
+def simulate(ladder: Ladder, cell: dict[str, Any], salt: int) -> TrialRecord:
+    rung, size_idx = cell["coords"][0], cell["size_idx"]
+    key = (cell["kind"], size_idx, rung, cell["seed"], cell["lr"], salt)
+    solved = _u("solved", *key) < ladder.p(cell["kind"], size_idx, rung)
+    steps = int(MAX_STEPS * (0.2 + 0.6 * _u("steps", *key))) // 100 * 100 if solved else MAX_STEPS
+    step_cost = 2e-3 * (1 + size_idx)  # CPU-s per step, bigger models cost more
+    return TrialRecord(
+        study_id=ladder.name,
+        trial_id=f"{cell['kind']}/{size_idx}/{rung}/{cell['seed']}/{cell['lr']}/{_u('id', *key):.12f}",
+        kind=cell["kind"],
+        **cell["size"],
+        point=cell["point"],
+        coords=cell["coords"],
+        seed=cell["seed"],
+        lr=cell["lr"],
+        status="solved" if solved else "unsolved",
+        eval_acc=1.0 if solved else 0.5,
+        steps=steps,
+        steps_to_solve=steps if solved else None,
+        cpu_s=steps * step_cost,
+    )
+
+
+def grid_records(ladder: Ladder, salt: int) -> list[TrialRecord]:
+    spec = ladder.spec
+    return [
+        simulate(ladder, make_cell(spec, kind, si, pi, lr, seed), salt)
+        for si in range(len(spec.model.all_sizes()))
+        for pi in range(len(spec.task.points()))
+        for lr in spec.hparams.lr.grid_values()
+        for seed in spec.seeds
+        for kind in spec.attention
+    ]
+
+
+def search_records(ladder: Ladder, salt: int, concurrency: int) -> list[TrialRecord]:
+    """Drive the searcher as Tune does: ``concurrency`` trials in flight, the oldest finishes first."""
+    search = FrontierSearch(ladder.spec)
+    running: deque[tuple[str, dict[str, Any]]] = deque()
+    out: list[TrialRecord] = []
+    n = 0
+    while True:
+        while len(running) < concurrency:
+            got = search.suggest(f"t{n}")
+            if got is None or got == Searcher.FINISHED:
+                break
+            running.append((f"t{n}", got["cell"]))
+            n += 1
+        if not running:
+            return out
+        trial_id, cell = running.popleft()
+        rec = simulate(ladder, cell, salt)
+        out.append(rec)
+        search.on_trial_complete(trial_id, {"final": True, "status": rec.status})
+
+
+def compare(grid: Report, search: Report) -> dict[str, Any]:
+    """Determined frontiers that agree, and cells decided with confidence in opposite ways."""
+    agree = total = 0
+    for g in grid.frontier:
+        s = search.frontier_of(g.kind, g.size)
+        if g.determined:
+            total += 1
+            agree += s.determined and s.highest_rung == g.highest_rung
+    contradictions = sum(
+        {c.state, search.cell(c.kind, c.size, c.point).state} == {"solved", "unsolved"} for c in grid.cells
+    )
+    return {"determined_in_grid": total, "same_in_search": agree, "contradictions": contradictions}
+
+
+def run_simulated(ladder: Ladder, salt: int, concurrency: int) -> dict[str, Any]:
+    g, s = grid_records(ladder, salt), search_records(ladder, salt, concurrency)
+    cmp = compare(build_report(ladder.spec, g), build_report(ladder.spec, s))
+    cpu_g, cpu_s = sum(r.cpu_s for r in g), sum(r.cpu_s for r in s)
+    return {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": cpu_s / cpu_g, **cmp}
+
+
+# --- a real study on local Ray --------------------------------------------------------------
+
+
+def run_real(spec: StudySpec, method: str, data_dir: Path) -> list[TrialRecord]:
+    s = StudySpec.model_validate(spec.model_dump() | {"search": spec.search.model_dump() | {"method": method}})
     env = dict(os.environ, LADDER_DATA_DIR=str(data_dir), MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
     code = (
         "import sys; from studies.spec import StudySpec; from workers.driver import prepare_study, run_study; "
@@ -38,48 +190,48 @@ def run_once(spec: StudySpec, method: str, data_dir: Path) -> dict[str, Any]:
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("STUDY ")), None)
     if line is None:
         raise RuntimeError(out.stderr[-3000:])
-    study_id = line.split()[1]
-    records = read_records(data_dir / "studies" / study_id / "trials.jsonl")
-    report = build_report(s, records)
-    frontier = {f"{f.kind}/{f.size}": f.highest_rung for f in report.frontier} if report.is_ladder else {}
-    return {"trials": len(records), "cpu_s": sum(r.cpu_s for r in records), "frontier": frontier}
+    return read_records(data_dir / "studies" / line.split()[1] / "trials.jsonl")
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("spec")
-    p.add_argument("--repeats", type=int, default=1)
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--repeats", type=int, default=20, help="salts per simulated ladder (medians over them)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
-    spec = StudySpec.from_file(args.spec)
-    results: dict[str, list[dict[str, Any]]] = {"grid": [], "frontier": []}
-    for _ in range(args.repeats):
-        for method in ("grid", "frontier"):
-            with tempfile.TemporaryDirectory() as d:
-                results[method].append(run_once(spec, method, Path(d)))
-    g, f = results["grid"], results["frontier"]
-    med = {m: {k: statistics.median(r[k] for r in results[m]) for k in ("trials", "cpu_s")} for m in results}
-    agree = [a["frontier"] == b["frontier"] for a, b in zip(g, f, strict=True)]
-    print(f"spec: {args.spec}  repeats: {args.repeats}")
-    print("| search | trials (median) | CPU-s (median) |")
-    print("|---|---|---|")
-    for m in ("grid", "frontier"):
-        print(f"| {m} | {med[m]['trials']:.0f} | {med[m]['cpu_s']:.1f} |")
+    raw: dict[str, Any] = {}
+    print(f"simulated ladders, {args.repeats} salts each, concurrency {args.concurrency}")
     print(
-        f"frontier/grid: trials {med['frontier']['trials'] / med['grid']['trials']:.2f}, "
-        f"CPU-s {med['frontier']['cpu_s'] / med['grid']['cpu_s']:.2f}"
+        "| ladder | kinds x sizes x rungs x seeds | grid trials | search trials (median) | CPU-s search/grid "
+        "(median, max) | determined frontiers found | contradictions |"
     )
-    print(f"same frontier as the grid in {sum(agree)}/{len(agree)} repeats")
-    for a, b in zip(g, f, strict=True):
-        diff = {
-            k: (a["frontier"].get(k), b["frontier"].get(k))
-            for k in a["frontier"]
-            if a["frontier"][k] != b["frontier"].get(k)
-        }
-        if diff:
-            print(f"  differs (grid, frontier): {diff}")
+    print("|---|---|---|---|---|---|---|")
+    for ladder in LADDERS:
+        runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
+        raw[ladder.name] = runs
+        spec = ladder.spec
+        shape = f"{len(spec.attention)} x {len(spec.model.all_sizes())} x {len(spec.task.points())} x {len(spec.seeds)}"
+        ratios = [r["cpu_ratio"] for r in runs]
+        found = sum(r["same_in_search"] for r in runs)
+        total = sum(r["determined_in_grid"] for r in runs)
+        print(
+            f"| {ladder.name} | {shape} | {runs[0]['trials_grid']} | "
+            f"{statistics.median(r['trials_search'] for r in runs):.0f} | "
+            f"{statistics.median(ratios):.2f}, {max(ratios):.2f} | {found}/{total} | "
+            f"{sum(r['contradictions'] for r in runs)} |"
+        )
+    if args.real:
+        spec = StudySpec.from_file(args.real)
+        with tempfile.TemporaryDirectory() as d:
+            g = run_real(spec, "grid", Path(d) / "grid")
+            s = run_real(spec, "frontier", Path(d) / "frontier")
+        cmp = compare(build_report(spec, g), build_report(spec, s))
+        ratio = sum(r.cpu_s for r in s) / max(1e-9, sum(r.cpu_s for r in g))
+        raw["real"] = {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": ratio, **cmp}
+        print(f"\nreal {args.real}: {json.dumps(raw['real'])}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0
 
 

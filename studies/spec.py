@@ -281,6 +281,11 @@ class Search(_Strict):
     method: Literal["grid", "optuna", "frontier"] = "grid"
     n_trials: PosInt | None = Field(default=None, description="optuna: configurations sampled (each run per kind)")
     sampler_seed: int = 0
+    objective: Literal["frontier", "margin"] = Field(
+        default="frontier",
+        description="optuna: 'frontier' maximises each kind's reach (one objective per kind, fewer parameters "
+        "preferred); 'margin' maximises the second kind's paired success over the first kind's",
+    )
 
     @model_validator(mode="after")
     def _optuna_needs_trials(self) -> Search:

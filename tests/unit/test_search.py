@@ -1,8 +1,7 @@
-"""Searchers without Ray Tune: frontier bisection, paired Optuna twins, save/restore, scores."""
+"""Searchers without Ray Tune: boundary search on simulated truths, paired Optuna twins, save/restore, scores."""
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -37,22 +36,40 @@ Lane = tuple[Any, ...]
 
 
 def lane_key(cell: Cell) -> Lane:
-    return (cell["kind"], cell["size_idx"], cell["lr"], cell["seed"], tuple(cell["coords"][:-1]))
+    return (cell["kind"], cell["size_idx"], tuple(cell["coords"][:-1]))
+
+
+def probe_key(cell: Cell) -> tuple[Any, ...]:
+    """What twins of different kinds share."""
+    return (cell["size_idx"], tuple(cell["coords"]), cell["lr"], cell["seed"])
 
 
 class Sim:
-    """Drives a searcher as Tune would: up to ``concurrency`` trials in flight, oldest finishes first."""
+    """Drives a searcher as Tune would: up to ``concurrency`` trials in flight, oldest finishes first.
 
-    def __init__(self, searcher: Searcher, truth: Callable[[Cell], int], concurrency: int) -> None:
+    ``truth(cell)`` is the highest rung the cell's lane solves (a deterministic truth);
+    ``fail(cell, attempt)`` makes that attempt of a trial fail (censored) instead.
+    """
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        truth: Callable[[Cell], int],
+        concurrency: int,
+        fail: Callable[[Cell, int], bool] | None = None,
+    ) -> None:
         self.searcher, self.truth, self.concurrency = searcher, truth, concurrency
+        self.fail = fail or (lambda cell, attempt: False)
         self.running: deque[tuple[str, Cell]] = deque()
         self.done: list[tuple[str, Cell, bool]] = []
+        self.failed: list[tuple[str, Cell]] = []
         self.suggested: list[tuple[str, Cell]] = []
+        self.attempts: dict[tuple[Any, ...], int] = {}
         self.finished = False
         self.next_id = 0
 
-    def result(self, cell: Cell) -> dict[str, Any]:
-        return {"solved": cell["coords"][-1] <= self.truth(cell)}
+    def solved(self, cell: Cell) -> bool:
+        return cell["coords"][-1] <= self.truth(cell)
 
     def fill(self) -> None:
         while len(self.running) < self.concurrency:
@@ -64,10 +81,8 @@ class Sim:
                 self.finished = True
                 return
             self.next_id += 1
-            cell = got["cell"]
-            assert lane_key(cell) not in {lane_key(c) for _, c in self.running}, "a lane has two trials in flight"
-            self.running.append((trial_id, cell))
-            self.suggested.append((trial_id, cell))
+            self.running.append((trial_id, got["cell"]))
+            self.suggested.append((trial_id, got["cell"]))
 
     def step(self) -> bool:
         """Fill, then finish the oldest running trial; False once nothing is left to do."""
@@ -75,105 +90,172 @@ class Sim:
         if not self.running:
             return False
         trial_id, cell = self.running.popleft()
-        result = self.result(cell)
-        self.searcher.on_trial_complete(trial_id, result)
-        self.done.append((trial_id, cell, result["solved"]))
+        key = (cell["kind"], *probe_key(cell))
+        attempt = self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.fail(cell, attempt):
+            self.searcher.on_trial_complete(trial_id, None, error=True)
+            self.failed.append((trial_id, cell))
+            return True
+        solved = self.solved(cell)
+        self.searcher.on_trial_complete(trial_id, {"final": True, "status": "solved" if solved else "unsolved"})
+        self.done.append((trial_id, cell, solved))
         return True
 
     def run(self, max_trials: int = 10_000) -> None:
         while self.step():
-            assert len(self.done) <= max_trials
+            assert len(self.done) + len(self.failed) <= max_trials
 
 
 def ladder_truth(cell: Cell) -> int:
-    """A known monotone frontier per lane, from -1 (nothing solved) to 7 (everything solved)."""
-    kind_bonus = 2 if cell["kind"] == "ea" else 0
-    return min(7, -1 + 4 * cell["size_idx"] + kind_bonus + cell["seed"] + (cell["lr"] > 2e-3))
+    """A known monotone frontier per (kind, size), from -1 (nothing solved) to 7 (everything solved)."""
+    return {("dpa", 0): -1, ("ea", 0): 2, ("dpa", 1): 4, ("ea", 1): 7}[(cell["kind"], cell["size_idx"])]
 
 
-def recovered(done: list[tuple[str, Cell, bool]]) -> dict[Lane, int]:
-    """Per lane: the highest solved probe, checked against the lowest unsolved probe above it."""
-    out: dict[Lane, tuple[int, int]] = {}
-    for _, cell, solved in done:
-        lo, hi = out.get(lane_key(cell), (-1, 10**9))
-        x = cell["coords"][-1]
-        out[lane_key(cell)] = (max(lo, x), hi) if solved else (lo, min(hi, x))
-    return {k: lo for k, (lo, hi) in out.items()}
+SEEDS8 = list(range(8))
+LADDER = spec_of(seeds=SEEDS8, search={"method": "frontier"})
+LADDER_2LR = spec_of(
+    seeds=SEEDS8, hparams={"lr": {"values": [1e-3, 3e-3]}}, search={"method": "frontier"}, caps={"max_trials": 1000}
+)
+GRID = spec_of(
+    task={"grid": {"N": [5, 7, 11], "T": [1, 2, 3, 4, 5]}},
+    model={"sizes": SIZES[:1]},
+    seeds=SEEDS8,
+    search={"method": "frontier"},
+)
 
 
-def bracketed(done: list[tuple[str, Cell, bool]], length: int) -> dict[Lane, bool]:
-    """Whether each lane's trials prove its frontier: solved at f (or f = -1), unsolved at f + 1 (or f = top)."""
-    probes: dict[Lane, dict[int, bool]] = {}
-    for _, cell, solved in done:
-        probes.setdefault(lane_key(cell), {})[cell["coords"][-1]] = solved
-    front = recovered(done)
+def boundaries(search: FrontierSearch, spec: StudySpec) -> dict[Lane, tuple[int, int, bool]]:
+    rests = sorted({tuple(p.coords[:-1]) for p in spec.task.points()})
     return {
-        k: (front[k] == -1 or p.get(front[k]) is True) and (front[k] == length - 1 or p.get(front[k] + 1) is False)
-        for k, p in probes.items()
+        (k, si, rest): search.lane_status(k, si, rest)
+        for k in spec.attention
+        for si in range(len(spec.model.all_sizes()))
+        for rest in rests
     }
 
 
-# --- FrontierSearch ---------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("concurrency", [1, 3, 64])
-def test_frontier_recovers_a_monotone_ladder_frontier(concurrency: int) -> None:
+def test_boundary_search_settles_a_monotone_ladder_with_a_fraction_of_the_grid(concurrency: int) -> None:
     search = FrontierSearch(LADDER)
     sim = Sim(search, ladder_truth, concurrency)
     sim.run()
-    assert sim.finished
-    n_lanes = len(LADDER.attention) * len(SIZES) * len(LADDER.seeds) * 2
-    lanes = {lane_key(c) for _, c, _ in sim.done}
-    assert len(lanes) == n_lanes, "every lane was probed"
-    expected = {lane_key(c): ladder_truth(c) for _, c, _ in sim.done}
-    assert recovered(sim.done) == expected
-    assert {-1, 7} <= set(expected.values()), "the truth covers both ends of the ladder"
-    assert all(bracketed(sim.done, len(RUNGS)).values())
-    # bisection: at most ceil(log2(9)) = 4 probes per lane, far fewer than the full grid
-    per_lane = [sum(lane_key(c) == k for _, c, _ in sim.done) for k in lanes]
-    assert max(per_lane) <= math.ceil(math.log2(len(RUNGS) + 1))
-    assert len(sim.done) < LADDER.planned_trials() / 2
-    # every lane converged, and the searcher says so
-    assert all(ln["hi"] - ln["lo"] == 1 for ln in search.lanes)
+    assert sim.finished and search.done()
+    expected = {("dpa", 0): -1, ("ea", 0): 2, ("dpa", 1): 4, ("ea", 1): 7}
+    for (kind, si, _), (lo, hi, monotone) in boundaries(search, LADDER).items():
+        assert monotone and lo == expected[(kind, si)] and hi == lo + 1, (kind, si, lo, hi)
+    # every probe decided its cell: 4 seeds (Wilson: 4/4 > 0.5, 0/4 < 0.5), never more
+    per_cell: dict[tuple[Any, ...], set[int]] = {}
+    for _, c, _ in sim.done:
+        per_cell.setdefault((c["kind"], c["size_idx"], tuple(c["coords"])), set()).add(c["seed"])
+    assert {len(v) for v in per_cell.values()} == {4}
+    assert len(sim.done) <= 0.5 * LADDER.planned_trials()
     assert search.suggest("after") == FINISHED
-    assert search.suggest("after2") == FINISHED
 
 
-def test_frontier_first_probe_is_the_middle_rung() -> None:
+def test_every_probe_runs_all_kinds_and_lrs_on_the_same_seeds() -> None:
+    search = FrontierSearch(LADDER_2LR)
+    sim = Sim(search, ladder_truth, concurrency=5)
+    sim.run()
+    by_probe: dict[tuple[Any, ...], set[str]] = {}
+    for _, c in sim.suggested:
+        by_probe.setdefault(probe_key(c), set()).add(c["kind"])
+    assert all(kinds == {"dpa", "ea"} for kinds in by_probe.values())
+    lrs = {(k[0], k[1], k[3]): set() for k in by_probe}
+    for k in by_probe:
+        lrs[(k[0], k[1], k[3])].add(k[2])
+    assert all(v == {1e-3, 3e-3} for v in lrs.values())
+    assert len({(*probe_key(c), c["kind"]) for _, c in sim.suggested}) == len(sim.suggested), "no trial twice"
+
+
+def test_next_cells_hands_out_a_batch_and_waits_for_results() -> None:
     search = FrontierSearch(LADDER)
-    first = search.suggest("t0")
-    assert first["cell"]["coords"] == [3]  # (-1 + 8) // 2
-    assert first["cell"]["point"] == "N11_T2"
-    assert first["cell"]["members"] == [[11, 2]]
+    batch = search.next_cells(100)
+    # first probe: the middle rung of each fresh lane, 4 seeds x 2 kinds; lanes of both sizes
+    assert len(batch) == 2 * 4 * 2
+    assert {tuple(c["coords"]) for c in batch} == {(3,)}
+    assert search.next_cells(5) == [] and search.suggest("t") is None and not search.done()
+    for c in batch:
+        search.record(c, {"final": True, "status": "solved" if c["kind"] == "ea" else "unsolved"})
+    nxt = search.next_cells(100)
+    assert {tuple(c["coords"]) for c in nxt} == {(1,), (5,)}, "dpa goes down, ea up: both kinds probe both"
 
 
-def test_frontier_returns_none_while_every_open_lane_waits() -> None:
-    spec = spec_of(attention=["dpa", "ea"], model={"sizes": SIZES[:1]})  # two lanes
+def test_a_bigger_model_starts_at_the_smaller_models_boundary() -> None:
+    spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES}, search={"method": "frontier"})
     search = FrontierSearch(spec)
-    a, b = search.suggest("a"), search.suggest("b")
-    assert isinstance(a, dict) and isinstance(b, dict)
-    assert {a["cell"]["kind"], b["cell"]["kind"]} == {"dpa", "ea"}
-    assert search.suggest("c") is None
-    assert search.suggest("c") is None  # asking again does not hand out a lane twice
-    search.on_trial_complete("a", {"solved": True})
-    c = search.suggest("c")
-    assert c["cell"]["kind"] == a["cell"]["kind"]
-    assert c["cell"]["coords"][0] > a["cell"]["coords"][0]  # solved: probe harder
-    assert search.suggest("d") is None
+    sim = Sim(search, lambda c: 2 + 2 * c["size_idx"], concurrency=8)
+    while not all(search.lane_status(k, 0, ())[1] - search.lane_status(k, 0, ())[0] == 1 for k in spec.attention):
+        sim.step()
+    while sim.running:  # let the in-flight probes (both sizes) finish
+        trial_id, cell = sim.running.popleft()
+        search.on_trial_complete(trial_id, {"final": True, "status": "solved" if sim.solved(cell) else "unsolved"})
+    big = [c for _, c in sim.suggested if c["size_idx"] == 1]
+    first_big = big[0]["coords"][0] if big else None
+    if first_big is None or all(c["coords"][0] == 3 for c in big):  # the big lane had not started: it starts now
+        got = search.next_cells(100)
+        assert {tuple(c["coords"]) for c in got if c["size_idx"] == 1} == {(2,)}, "the small model's boundary"
 
 
-def test_frontier_treats_a_failed_trial_as_an_upper_bound_and_ignores_strangers() -> None:
-    spec = spec_of(attention=["dpa"], model={"sizes": SIZES[:1]})
+def test_failed_trials_are_censored_and_retried_never_unsolved() -> None:
+    search = FrontierSearch(LADDER, max_retries=2)
+    # the first attempt of every trial at rung 2 fails: retried on the same seed, then counted
+    sim = Sim(search, ladder_truth, concurrency=3, fail=lambda c, attempt: c["coords"][0] == 2 and attempt == 1)
+    sim.run()
+    assert sim.failed and sim.finished
+    clean = FrontierSearch(LADDER)
+    Sim(clean, ladder_truth, concurrency=3).run()
+    assert boundaries(search, LADDER) == boundaries(clean, LADDER)
+    retried = {(c["kind"], *probe_key(c)) for _, c in sim.failed}
+    done = {(c["kind"], *probe_key(c)) for _, c, _ in sim.done}
+    assert retried <= done, "every failed trial was run again on the same seed"
+
+
+def test_a_seed_that_keeps_failing_is_given_up_and_another_seed_used() -> None:
+    search = FrontierSearch(LADDER, max_retries=1)
+    sim = Sim(search, ladder_truth, concurrency=2, fail=lambda c, attempt: c["seed"] == 0)
+    sim.run()
+    assert sim.finished
+    assert not any(c["seed"] == 0 for _, c, _ in sim.done)
+    attempts = [(c["kind"], *probe_key(c)) for _, c in sim.failed]
+    assert max(attempts.count(a) for a in attempts) == 2, "one try and one retry, then the seed is given up"
+    for (kind, si, _), (lo, hi, _) in boundaries(search, LADDER).items():
+        assert lo == ladder_truth({"kind": kind, "size_idx": si}) and hi == lo + 1
+
+
+def test_a_non_monotone_lane_is_detected_and_scanned() -> None:
+    """The quick-start's miss: rung 0 unsolved, rung 1 solved. Bisection concluded 'nothing solved'."""
+
+    def holey(cell: Cell) -> int:
+        return 10 if cell["coords"][0] in (1, 2, 5) else -1  # solved exactly at rungs 1, 2 and 5
+
+    class Holey(Sim):
+        def solved(self, cell: Cell) -> bool:
+            return cell["coords"][0] in (1, 2, 5)
+
+    spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, search={"method": "frontier"})
     search = FrontierSearch(spec)
-    first = search.suggest("a")["cell"]["coords"][0]
-    search.on_trial_complete("stranger", {"solved": True})  # not ours: no effect
-    assert search.suggest("x") is None
-    search.on_trial_complete("a", None, error=True)
-    nxt = search.suggest("b")["cell"]["coords"][0]
-    assert nxt < first
+    sim = Holey(search, holey, concurrency=4)
+    sim.run()
+    assert sim.finished
+    for kind in spec.attention:
+        lo, _, monotone = search.lane_status(kind, 0, ())
+        assert not monotone and lo == 5
+        assert search._states(kind, 0, ()) == ["solved" if r in (1, 2, 5) else "unsolved" for r in range(len(RUNGS))], (
+            "every rung of a non-monotone lane is decided"
+        )
 
 
-def test_frontier_bisects_along_T_in_each_N_row() -> None:
+def test_one_seed_decides_nothing_so_the_search_runs_the_whole_lane() -> None:
+    spec = spec_of(seeds=[0], model={"sizes": SIZES[:1]}, search={"method": "frontier"})
+    search = FrontierSearch(spec)
+    sim = Sim(search, lambda c: 1, concurrency=2)
+    sim.run()
+    assert sim.finished
+    assert sorted(c["coords"][0] for _, c, _ in sim.done if c["kind"] == "dpa") == list(range(len(RUNGS)))
+    assert len(sim.done) == spec.planned_trials()
+
+
+def test_boundary_search_on_a_grid_settles_each_N_row() -> None:
     g = GRID.task.grid
     assert g is not None
     top = len(g.T) - 1
@@ -185,47 +267,15 @@ def test_frontier_bisects_along_T_in_each_N_row() -> None:
     sim = Sim(search, truth, concurrency=4)
     sim.run()
     assert sim.finished
-    rows = {(c["kind"], c["coords"][0]) for _, c, _ in sim.done}
-    assert rows == {(k, i) for k in GRID.attention for i in range(len(g.N))}, "one lane per kind and N row"
     for _, cell, _ in sim.done:
         n_idx, t_idx = cell["coords"]
         assert cell["members"] == [[g.N[n_idx], g.T[t_idx]]]
-    first_in_row: dict[Lane, int] = {}
-    for _, cell, _ in sim.done:
-        first_in_row.setdefault(lane_key(cell), cell["coords"][1])
-    assert set(first_in_row.values()) == {2}  # (-1 + 5) // 2
-    assert recovered(sim.done) == {lane_key(c): truth(c) for _, c, _ in sim.done}
-    assert set(recovered(sim.done).values()) == {-1, 0, 1, 2, 3, 4}
-    assert all(bracketed(sim.done, top + 1).values())
+    for (kind, _, rest), (lo, hi, _) in boundaries(search, GRID).items():
+        assert lo == truth({"kind": kind, "coords": [rest[0], 0]}) and hi == lo + 1
     assert len(sim.done) < GRID.planned_trials()
 
 
-def test_frontier_gives_every_kind_the_same_lanes_and_budget() -> None:
-    search = FrontierSearch(LADDER)
-    sim = Sim(search, lambda c: min(7, c["size_idx"] * 4 + c["seed"]), concurrency=5)  # kind-blind truth
-    sim.run()
-
-    def probes(kind: str) -> dict[Lane, list[int]]:
-        out: dict[Lane, list[int]] = {}
-        for _, c, _ in sim.done:
-            if c["kind"] == kind:
-                out.setdefault(lane_key(c)[1:], []).append(c["coords"][0])
-        return out
-
-    dpa, ea = probes("dpa"), probes("ea")
-    assert set(dpa) == set(ea)
-    assert {(k[0], k[1], k[2]) for k in dpa} == {
-        (s, lr, seed) for s in (0, 1) for lr in (1e-3, 3e-3) for seed in (0, 1)
-    }
-    assert dpa == ea, "same truth: the same probes, in the same order"
-    lanes_by_kind = {
-        k: sorted((ln["size_idx"], ln["lr"], ln["seed"]) for ln in search.lanes if ln["kind"] == k)
-        for k in LADDER.attention
-    }
-    assert lanes_by_kind["dpa"] == lanes_by_kind["ea"]
-
-
-def test_frontier_save_restore_continues_identically(tmp_path: Path) -> None:
+def test_boundary_search_save_restore_continues_identically(tmp_path: Path) -> None:
     search = FrontierSearch(LADDER)
     sim = Sim(search, ladder_truth, concurrency=3)
     for _ in range(10):
@@ -244,10 +294,8 @@ def test_frontier_save_restore_continues_identically(tmp_path: Path) -> None:
     again.running, again.next_id = deque(in_flight), next_id
     again.run()
     assert again.finished
-    assert [(t, lane_key(c), c["coords"]) for t, c, _ in again.done] == [
-        (t, lane_key(c), c["coords"]) for t, c, _ in sim.done[n_done:]
-    ]
-    assert fresh.lanes == search.lanes
+    assert [(t, c) for t, c, _ in again.done] == [(t, c) for t, c, _ in sim.done[n_done:]]
+    assert boundaries(fresh, LADDER) == boundaries(search, LADDER)
 
 
 # --- PairedOptunaSearch -----------------------------------------------------------------------
@@ -299,19 +347,62 @@ def test_paired_pick_runs_every_kind_and_seed_on_one_config(storage: str) -> Non
             assert 1e-4 <= c["lr"] <= 1e-2
 
 
-def test_paired_tells_optuna_mean_score_and_size_after_the_last_twin(storage: str) -> None:
+def final(score: float, status: str, n_params: int = 1234) -> dict[str, Any]:
+    return {"final": True, "status": status, "score": score, "n_params": n_params, "solved": status == "solved"}
+
+
+def test_paired_tells_optuna_each_kinds_score_and_the_size_after_the_last_twin(storage: str) -> None:
     search = PairedOptunaSearch(PAIRED, storage, "paired")
     got = take(search, TWINS)
-    scores = [1.0, 3.0, 0.5, 2.5]
-    for (trial_id, _), score in zip(got[:-1], scores[:-1], strict=True):
-        search.on_trial_complete(trial_id, {"score": score, "n_params": 1234, "solved": score > 1})
+    scores = {("dpa", 0): 1.0, ("ea", 0): 3.0, ("dpa", 1): 0.5, ("ea", 1): 2.5}
+    for trial_id, cell in got[:-1]:
+        score = scores[(cell["kind"], cell["seed"])]
+        search.on_trial_complete(trial_id, final(score, "solved" if score > 1 else "unsolved"))
         assert study(storage).get_trials()[0].state == optuna.trial.TrialState.RUNNING
-    search.on_trial_complete(got[-1][0], {"score": scores[-1], "n_params": 1234})
+    last_id, last = got[-1]
+    search.on_trial_complete(last_id, final(scores[(last["kind"], last["seed"])], "solved"))
     done = study(storage).get_trials()[0]
     assert done.state == optuna.trial.TrialState.COMPLETE
-    assert done.values == [pytest.approx(sum(scores) / len(scores)), 1234]
+    assert done.values == [pytest.approx(0.75), pytest.approx(2.75), 1234], "one objective per kind, not their mean"
+    assert done.user_attrs["ladder.size"] == PAIRED.model.all_sizes()[done.params["size_idx"]].name
+    assert done.user_attrs["ladder.pick"] == "pick00000"
+    assert {k for k in done.user_attrs if k.startswith("ladder.trial.")} == {
+        f"ladder.trial.{k}.s{s}" for k in PAIRED.attention for s in PAIRED.seeds
+    }
+    assert isinstance(done.distributions["size_idx"], optuna.distributions.IntDistribution)
+    assert isinstance(done.distributions["point_idx"], optuna.distributions.IntDistribution)
     search.on_trial_complete("stranger", {"score": 9.0, "n_params": 1})  # not ours: ignored
     assert len(study(storage).get_trials()) == 1
+
+
+def test_margin_objective_is_the_paired_success_difference(storage: str) -> None:
+    spec = PAIRED.model_copy(update={"search": PAIRED.search.model_copy(update={"objective": "margin"})})
+    search = PairedOptunaSearch(spec, storage, "margin")
+    for trial_id, cell in take(search, TWINS):
+        ok = cell["kind"] == "ea" or cell["seed"] == 0
+        search.on_trial_complete(trial_id, final(1.0, "solved" if ok else "unsolved"))
+    done = study(storage, "margin").get_trials()[0]
+    assert done.values == [pytest.approx(0.5)]  # ea solved 2 of 2 seeds, dpa 1 of 2
+
+
+def test_an_identical_pick_is_never_run_twice(storage: str) -> None:
+    spec = spec_of(
+        task={"ladder": RUNGS[:2]},
+        model={"sizes": SIZES[:1]},
+        seeds=[0],
+        hparams={"lr": {"values": [1e-3]}},
+        search={"method": "optuna", "n_trials": 5, "sampler_seed": 3},
+    )
+    search = PairedOptunaSearch(spec, storage, "small")
+    picks = []
+    while (got := search.suggest(f"t{len(picks)}")) != FINISHED:
+        picks.append(got["cell"])
+        search.on_trial_complete(f"t{len(picks) - 1}", final(1.0, "solved"))
+    runs = {(c["size_idx"], tuple(c["coords"]), c["lr"], c["kind"]) for c in picks}
+    assert len(runs) == len(picks) == 2 * 2, "two distinct picks exist; each ran once per kind"
+    trials = study(storage, "small").get_trials()
+    repeats = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert repeats and all("ladder.repeat_of" in t.user_attrs for t in repeats)
 
 
 def test_paired_pick_whose_twins_all_failed_is_failed(storage: str) -> None:
@@ -328,7 +419,7 @@ def test_paired_stops_after_n_trials_picks(storage: str) -> None:
     assert len(got) == PAIRED.planned_trials()
     assert search.suggest("more") == FINISHED
     for trial_id, cell in got:
-        search.on_trial_complete(trial_id, {"score": frontier_score(cell["coords"], False, 0.5), "n_params": 10})
+        search.on_trial_complete(trial_id, final(frontier_score(cell["coords"], False, 0.5), "unsolved", 10))
     assert search.suggest("more") == FINISHED
     trials = study(storage).get_trials()
     assert len(trials) == n
@@ -339,7 +430,7 @@ def test_fail_orphans_fails_only_running_trials_the_searcher_does_not_know(stora
     search = PairedOptunaSearch(PAIRED, storage, "paired")
     first = take(search, TWINS, "a")
     for trial_id, _ in first:
-        search.on_trial_complete(trial_id, {"score": 1.0, "n_params": 10})
+        search.on_trial_complete(trial_id, final(1.0, "solved", 10))
     take(search, 1, "b")  # pick 1 is in flight: RUNNING and known
     orphan = study(storage).ask()  # RUNNING, asked by a process that died
     assert search.fail_orphans() == 1
@@ -366,7 +457,7 @@ def test_paired_restore_fails_picks_made_after_the_checkpoint(storage: str, tmp_
     rest = take(fresh, TWINS - 1, "r")
     assert {c["lr"] for _, c in rest} == {got[-1][1]["lr"]}
     for trial_id, _ in [*got[TWINS:], *rest]:
-        fresh.on_trial_complete(trial_id, {"score": 2.0, "n_params": 10})
+        fresh.on_trial_complete(trial_id, final(2.0, "solved", 10))
     assert study(storage).get_trials()[1].state == optuna.trial.TrialState.COMPLETE
 
 
