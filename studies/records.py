@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 # solved / unsolved: a real outcome at the study's budget. stopped: cut short by the
-# early-stopping scheduler (unsolved within a smaller budget). diverged / oom / failed /
-# preempted: no outcome; never counted as unsolved.
+# early-stopping scheduler, so censored: not known to be unsolved, never counted as an outcome.
+# diverged / oom / failed / preempted: no outcome; never counted as unsolved.
 Status = Literal["solved", "unsolved", "stopped", "diverged", "oom", "failed", "preempted"]
-OUTCOMES: frozenset[str] = frozenset({"solved", "unsolved", "stopped"})
+OUTCOMES: frozenset[str] = frozenset({"solved", "unsolved"})
 
 
 class TrialRecord(BaseModel):

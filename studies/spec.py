@@ -371,6 +371,8 @@ class StudySpec(_Strict):
                 f"the study plans {n} trials, more than caps.max_trials={self.caps.max_trials}; "
                 "shrink the axes or raise the cap",
             )
+        if self.early_stopping.asha:
+            self._check_asha()
         if self.early_stopping.asha and self.early_stopping.grace_period > self.training.max_steps:
             raise _field_error(
                 ("early_stopping", "grace_period"),
@@ -396,6 +398,30 @@ class StudySpec(_Strict):
             problem = ceiling_problem(mix, ctx, self.threshold)
             if problem:
                 raise _field_error(("threshold",), self.threshold, problem)
+
+    def _check_asha(self) -> None:
+        """ASHA ranks every trial at a rung against all others: sound only within one cell.
+
+        Across kinds it would cut one twin of a pair and not the other; across sizes or points it
+        would rank accuracies that measure different things. So a study with ASHA holds one kind,
+        one size and one point (it then chooses among learning rates and seeds); a stopped trial
+        is censored, never unsolved (studies/records.py).
+        """
+        cells = {
+            "attention kinds": len(self.attention),
+            "model sizes": len(self.model.all_sizes()),
+            "task points": len(self.task.points()),
+        }
+        many = {k: v for k, v in cells.items() if v > 1}
+        if many:
+            found = ", ".join(f"{v} {k}" for k, v in many.items())
+            raise _field_error(
+                ("early_stopping", "asha"),
+                True,
+                f"early_stopping.asha ranks trials against each other, so it is allowed only within one cell "
+                f"(one attention kind, one model size, one task point); this study has {found}. Turn ASHA off "
+                "(trials still stop when solved) or run one study per cell",
+            )
 
     def _check_fairness(self) -> None:
         extra = sorted(set(self.fairness.kinds) - set(self.attention))

@@ -187,7 +187,7 @@ class StudyCallback(Callback):
 
                 self._bar = tqdm(total=self.spec.planned_trials(), unit="trial", dynamic_ncols=True)
             self._bar.n = len(records)
-            bad = sum(v for k, v in counts.items() if k not in OUTCOMES)
+            bad = sum(v for k, v in counts.items() if k not in OUTCOMES and k != "stopped")
             self._bar.set_postfix_str(f"running={running} failed={bad} frontier={_short(records, self.spec)}")
             self._bar.refresh()
 

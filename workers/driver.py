@@ -216,6 +216,9 @@ def run_study(study_id: str, resume: bool = False, progress: bool = False, setti
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A trial that diverges (or fails) before its first evaluation reports no accuracy. Strict metric
+    # checking would then fail the whole study; without it ASHA simply skips that result.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     _cancel_requested = False
 
     def _on_signal(signum: int, frame: Any) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from workers.attention import ATTENTION_KINDS, causal_mask, weights_from_scores
 
-QKV_INIT_STD = 0.02  # q/k/v projection init std by default (docs/evaluation.md, "Fair start")
+QKV_INIT_STD = 0.02  # q/k/v projection init std by default (docs/evaluation.md, "Fair start": why not 0.2)
 
 
 def rotate(x: Tensor) -> Tensor:

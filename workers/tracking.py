@@ -189,4 +189,5 @@ class StudyTracker:
         if record.error:
             tags.append(RunTag("error", record.error[:4000]))
         self.client.log_batch(run_id, metrics=_metrics(finals, record.steps), tags=tags)
-        self.client.set_terminated(run_id, "FINISHED" if record.status in OUTCOMES else "FAILED")
+        ended = "FINISHED" if record.status in OUTCOMES else "KILLED" if record.status == "stopped" else "FAILED"
+        self.client.set_terminated(run_id, ended)

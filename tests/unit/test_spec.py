@@ -234,7 +234,7 @@ RULES = [
         id="optuna-planned-over-cap",
     ),
     rule(
-        make(early_stopping={"asha": True, "grace_period": 1001}),
+        make(early_stopping={"asha": True, "grace_period": 1001}, attention=["ea"], task={"ladder": [[[7, 2]]]}),
         ("early_stopping", "grace_period"),
         "early_stopping.grace_period must be <= training.max_steps",
         id="asha-grace-over-max-steps",
@@ -323,7 +323,10 @@ def test_invalid_spec_names_field_and_rule(
         pytest.param(make(task={"ladder": [[[7, 11], [7, 4]]]}, training={"context_length": 17}), id="longer-context"),
         pytest.param(make(task={"ladder": [[[2, 1]]]}), id="smallest-N-and-T"),
         pytest.param(make(caps={"max_trials": 4}), id="planned-equals-cap"),
-        pytest.param(make(early_stopping={"asha": True, "grace_period": 1000}), id="grace-equals-max-steps"),
+        pytest.param(
+            make(early_stopping={"asha": True, "grace_period": 1000}, attention=["ea"], task={"ladder": [[[7, 2]]]}),
+            id="grace-equals-max-steps",
+        ),
         pytest.param(make(early_stopping={"asha": False, "grace_period": 5000}), id="grace-ignored-without-asha"),
         pytest.param(make(training={"max_steps": 100, "eval_interval": 100}), id="eval-interval-equals-max-steps"),
         pytest.param(make(hparams=lr(low=1e-4, high=1e-2, log=False)), id="lr-linear-range"),
@@ -470,7 +473,7 @@ ROUND_TRIP = [
                 task=grid([5, 7], [1, [1, 2]], identify_margin=1),
                 model={"d_model": [16, 32], "n_layers": [1], "n_heads": [2, 4]},
                 hparams=lr(values=[1e-3, 3e-3]),
-                early_stopping={"asha": True, "grace_period": 100},
+                early_stopping={"asha": False, "grace_period": 100},
                 caps={"max_trials": 100, "max_cpu_hours": 2.5},
                 resources={"cpu": 2, "gpu": 0.5},
                 description="a grid",
@@ -694,3 +697,30 @@ def test_rotary_positions_refuse_odd_head_sizes():
         "even head size",
         "d6_l1_h2",
     )
+
+
+# --- ASHA only within one cell --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "found"),
+    [
+        ({}, "2 attention kinds"),  # the base spec: dpa and ea, two points
+        ({"attention": ["ea"]}, "2 task points"),
+        (
+            {
+                "attention": ["ea"],
+                "task": {"ladder": [[[7, 2]]]},
+                "model": {"d_model": [16, 32], "n_layers": [1], "n_heads": [2]},
+            },
+            "2 model sizes",
+        ),
+    ],
+)
+def test_asha_across_kinds_sizes_or_points_is_refused(change, found):
+    rejected(make(early_stopping={"asha": True, "grace_period": 100}, **change), ("early_stopping", "asha"), found)
+
+
+def test_asha_within_one_cell_is_accepted():
+    spec = make(attention=["dpa"], task={"ladder": [[[7, 2]]]}, hparams=lr(values=[1e-3, 3e-3]), seeds=[0, 1])
+    StudySpec.model_validate(spec | {"early_stopping": {"asha": True, "grace_period": 100}})
