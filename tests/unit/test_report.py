@@ -47,7 +47,7 @@ GRID = StudySpec.model_validate(
         "training": {"context_length": 20},
     }
 )
-NO_OUTCOME = ["failed", "diverged", "oom", "preempted"]
+NO_OUTCOME = ["failed", "diverged", "oom", "preempted", "stopped"]  # stopped: censored, not unsolved
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 _ids = iter(range(10**9))
@@ -97,7 +97,7 @@ def records_for(
                 if key not in truth:
                     continue
                 spoil = data.draw(st.booleans())
-                outcome = data.draw(st.sampled_from(["unsolved", "stopped"]))
+                outcome = data.draw(st.sampled_from(["unsolved"]))
                 for seed, status in zip(spec.seeds, seed_statuses(truth[key], spoil, spec.seeds, outcome), strict=True):
                     clean.append(rec(kind, size, p, seed, status))
     cells = [(k, s, p) for k in spec.attention for s in spec.model.all_sizes() for p in spec.task.points()]
@@ -242,12 +242,13 @@ def test_seeds_are_aggregated_with_a_wilson_interval() -> None:
     ("statuses", "state"),
     [
         (["solved"], "undetermined"),  # 1/1: Wilson [0.21, 1]
-        (["solved", "stopped"], "undetermined"),  # 1/2 was "solved" at a point estimate >= 0.5
+        (["solved", "stopped"], "undetermined"),  # 1/1: a stopped trial is censored, not a failure
         (["solved"] * 3, "undetermined"),  # 3/3: lower bound 0.44
         (["solved"] * 4, "solved"),  # 4/4: lower bound 0.51
         (["solved"] * 7 + ["unsolved"], "solved"),  # 7/8: lower bound 0.53
         (["solved"] * 5 + ["unsolved"], "undetermined"),  # 5/6: lower bound 0.44
-        (["stopped", "stopped", "failed"], "undetermined"),  # 0/2: upper bound 0.66
+        (["stopped", "stopped", "failed"], "no_outcome"),  # stopped is censored: no outcome at all
+        (["unsolved", "unsolved", "stopped"], "undetermined"),  # 0/2: upper bound 0.66
         (["unsolved"] * 4 + ["failed"] * 3, "unsolved"),  # 0/4: upper bound 0.49
         (["diverged", "oom", "preempted", "failed"], "no_outcome"),
     ],
