@@ -229,7 +229,12 @@ def run_study(study_id: str, resume: bool = False, progress: bool = False, setti
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     update_status(d, state="running", pid=os.getpid(), started=time.time(), error=None)
-    mlinfo = read_status(d).get("mlflow") or tracking.ensure_study_run(settings.mlflow_uri, study_id, spec)
+    mlinfo = read_status(d).get("mlflow") or tracking.ensure_study_run(
+        settings.mlflow_uri,
+        study_id,
+        spec,
+        tracking.artifact_location(settings.mlflow_uri, settings.data_dir, study_id),
+    )
     update_status(d, mlflow=mlinfo)
     exp_path = Path(settings.tune_storage) / study_id
     state, error = "failed", None
@@ -269,8 +274,8 @@ def _write_outputs(study_id: str, spec: StudySpec, settings: Settings, mlinfo: d
             "evaluation": spec.evaluation.model_dump() | {"threshold": spec.threshold},
             "fairness": spec.fairness.model_dump() | {"ea_norm_eps": spec.eps},
         }
-        write_report(spec, records, out, provenance)
-        tracking.log_report(mlinfo["tracking_uri"], mlinfo["run_id"], out)
+        report = write_report(spec, records, out, provenance)
+        tracking.log_report(mlinfo["tracking_uri"], mlinfo["run_id"], report, out)
     except ImportError:
         log.info("report module not available; skipping report")
     except Exception:

@@ -4,7 +4,7 @@ Everything Ladder says to MLflow goes through this module (like Ray's
 ``air/integrations/mlflow.py``). The driver is the only MLflow writer of its study, so the
 SQLite store works on one machine. A trial's child run is found again by its trial key
 (tag ``ladder.trial_key``) before one is created, so a resumed or re-run trial never gets
-a second run.
+a second run. What a reviewer finds where in the MLflow UI is in docs/review.md.
 """
 
 from __future__ import annotations
@@ -13,13 +13,25 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from studies.records import OUTCOMES, TrialRecord, trial_key
+from studies.records import OUTCOMES, TrialRecord, pair_key, trial_key
 from studies.spec import StudySpec
 from workers.provenance import generator_version, git_sha, versions
 
+if TYPE_CHECKING:
+    from studies.report import Report
+
 STUDY_ROLE = "study"
+# The UI opens an experiment of this kind on its runs, not on the GenAI overview (traces,
+# tokens). The tag is the one the MLflow 3 UI reads; "custom_model_development" is its
+# "machine learning / model training" kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# MLflow's system tags for the code that made a run (shown in the UI's Source column).
+SOURCE_TAGS = {"mlflow.source.type": "JOB", "mlflow.source.name": "ladder (workers.driver)"}
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+REMOTE_SCHEMES = ("http://", "https://", "databricks")  # a tracking server keeps its own artifact store
 PROGRESS_METRICS = ("eval_acc", "eval_loss", "search_acc", "search_loss", "train_loss", "lr", "wall_s", "cpu_s")
 
 
@@ -56,14 +68,33 @@ def cell_key(cell: dict[str, Any]) -> str:
 
 
 def provenance_tags() -> dict[str, str]:
-    return {"git_sha": git_sha()} | {f"version.{k}": v for k, v in versions().items()}
+    """Git commit as MLflow's own source tag; package versions and the task generator as Ladder's."""
+    tags = SOURCE_TAGS | {GIT_COMMIT_TAG: git_sha(), "generator_version": generator_version()}
+    return tags | {f"version.{k}": v for k, v in versions().items()}
+
+
+def artifact_location(tracking_uri: str, data_dir: Path, study_id: str) -> str | None:
+    """Where a new experiment keeps its artifacts: under the data directory for a local store.
+
+    MLflow's default is ``./mlruns`` of whatever directory the driver started in. With a
+    tracking server (``http(s)://``) the server's artifact store decides (None).
+    """
+    if tracking_uri.startswith(REMOTE_SCHEMES):
+        return None
+    return (data_dir / "mlartifacts" / study_id).resolve().as_uri()
 
 
 # --- the study: experiment and parent run -----------------------------------------------
 
 
-def ensure_study_run(tracking_uri: str, study_id: str, spec: StudySpec) -> dict[str, str]:
+def ensure_study_run(
+    tracking_uri: str, study_id: str, spec: StudySpec, artifact_root: str | None = None
+) -> dict[str, str]:
     """The study's experiment and parent run, created once and found again by tag on resume.
+
+    Args:
+        artifact_root: the experiment's artifact location (see :func:`artifact_location`);
+            None leaves it to the tracking server.
 
     Returns:
         ``experiment_id``, ``run_id`` and ``tracking_uri`` (what the driver keeps in the status file).
@@ -71,7 +102,8 @@ def ensure_study_run(tracking_uri: str, study_id: str, spec: StudySpec) -> dict[
     client = _client(tracking_uri)
     name = f"ladder/{study_id}"
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name, tags={"ladder.study_id": study_id})
+    tags = {"ladder.study_id": study_id, EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_root, tags=tags)
     found = client.search_runs([exp_id], filter_string=f"tags.`ladder.role` = '{STUDY_ROLE}'")
     if found:
         run_id = found[0].info.run_id
@@ -91,9 +123,38 @@ def finish_study_run(tracking_uri: str, run_id: str, state: str) -> None:
     _client(tracking_uri).set_terminated(run_id, status)
 
 
-def log_report(tracking_uri: str, run_id: str, report_dir: Path) -> None:
-    """Attach the report directory to the parent run under ``report/``."""
-    _client(tracking_uri).log_artifacts(run_id, str(report_dir), "report")
+def summary_metrics(report: Report) -> dict[str, float]:
+    """Per kind and size: the frontier and the solved count, named ``<what>/<kind>/<size>``.
+
+    ``frontier_rung`` is the highest solved rung of a ladder (-1: none solved);
+    ``frontier_points`` the number of Pareto-maximal solved points; ``solved_cells`` the
+    number of solved (size, point) cells; ``solved_trials`` the solved trials over all seeds.
+    """
+    out: dict[str, float] = {}
+    for f in report.frontier:
+        at = f"{f.kind}/{f.size}"
+        if report.is_ladder:
+            out[f"frontier_rung/{at}"] = -1 if f.highest_rung is None else f.highest_rung
+        out[f"frontier_points/{at}"] = len(f.points)
+        out[f"solved_cells/{at}"] = f.n_solved
+        out[f"solved_trials/{at}"] = sum(c.successes for c in report.cells if (c.kind, c.size) == (f.kind, f.size))
+    return out
+
+
+def log_report(tracking_uri: str, run_id: str, report: Report, report_dir: Path) -> None:
+    """The report on the parent run: summary metrics, ``frontier.json``, the files under ``report/``,
+    and the frontier plot as an image (shown with the run's charts)."""
+    from PIL import Image
+
+    client = _client(tracking_uri)
+    client.log_batch(run_id, metrics=_metrics(summary_metrics(report), 0))
+    frontier = {"study": report.study, "axes": report.axes, "threshold": report.threshold}
+    client.log_dict(run_id, frontier | {"frontier": [f.model_dump() for f in report.frontier]}, "frontier.json")
+    client.log_artifacts(run_id, str(report_dir), "report")
+    png = report_dir / "frontier.png"
+    if png.exists():
+        with Image.open(png) as img:
+            client.log_image(run_id, img.convert("RGB"), key="frontier", step=0)
 
 
 # --- trials: child runs --------------------------------------------------------------------
@@ -160,8 +221,10 @@ class StudyTracker:
             "point": cell["point"],
             "size": size,
             "seed": str(cell["seed"]),
+            "lr": f"{cell['lr']:.6g}",
+            "cell": f"{cell['kind']}/{size}/{cell['point']}",
+            "pair": pair_key(size, cell["point"], cell["lr"], cell["seed"]),
             "status": "running",
-            "generator_version": generator_version(),
         } | provenance_tags()
         name = f"{cell['kind']} {size} {cell['point']} lr={cell['lr']:.2g} s{cell['seed']}"
         run_id: str = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
@@ -184,7 +247,10 @@ class StudyTracker:
         if run_id is None:
             raise ValueError(f"record of trial {record.trial_id} has no MLflow run id to finish")
         finals = {"final_eval_acc": record.eval_acc, "cpu_s": record.cpu_s, "gpu_s": record.gpu_s}
+        finals |= {"final_eval_acc_lo": record.eval_acc_lo, "final_eval_acc_hi": record.eval_acc_hi}
         finals |= {"n_params": record.n_params, "steps_to_solve": record.steps_to_solve}
+        if record.status in OUTCOMES:  # no verdict for a failed, diverged or preempted trial
+            finals["solved"] = int(record.status == "solved")
         tags = [RunTag("status", record.status), RunTag("node_id", str(record.node_id))]
         if record.error:
             tags.append(RunTag("error", record.error[:4000]))

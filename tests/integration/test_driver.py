@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 
 from studies.records import read_records
 from studies.settings import get_settings
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 SIZE = {"d_model": 16, "n_layers": 1, "n_heads": 2}
 
 
-def _run_to_end(study_id: str, data_dir: Path, timeout: float = 300, **env: str) -> None:
+def _run_to_end(study_id: str, data_dir: Path, timeout: float = 900, **env: str) -> None:
     log = data_dir / f"{study_id}.log"
     proc = start_driver(study_id, driver_env(data_dir, **env), log)
     try:
@@ -75,12 +76,23 @@ def test_grid_study_tracks_every_trial_and_survives_failures(data_dir: Path) -> 
         assert run.data.tags["kind"] == rec.kind and run.data.tags["point"] == rec.point
         assert run.data.tags["generator_version"] == GENERATOR_VERSION
         assert run.data.params["seed"] == str(rec.seed)
-        assert "version.torch" in run.data.tags and "git_sha" in run.data.tags
+        assert "version.torch" in run.data.tags and "mlflow.source.git.commit" in run.data.tags
+        assert run.data.tags["pair"] == rec.pair_key
         if rec.status in ("solved", "unsolved"):
             assert run.data.metrics["eval_acc"] == pytest.approx(rec.eval_acc)
+            assert run.data.metrics["solved"] == (rec.status == "solved")
             assert run.info.status == "FINISHED"
         else:
+            assert "solved" not in run.data.metrics
             assert run.info.status == "FAILED"
+    client = MlflowClient(ml["tracking_uri"])
+    exp = client.get_experiment(ml["experiment_id"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location.startswith(data_dir.resolve().as_uri())
+    parent = client.get_run(ml["run_id"])
+    for kind in spec.attention:
+        assert f"frontier_rung/{kind}/d16_l1_h2" in parent.data.metrics
+    assert "report/report.html" in {a.path for a in client.list_artifacts(ml["run_id"], "report")}
 
 
 def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from studies.records import TrialRecord
+from studies.report_html import write_report
 from studies.settings import get_settings
 from studies.spec import StudySpec
 from workers.search import make_cell
-from workers.tracking import StudyTracker, cell_key, ensure_study_run
+from workers.tracking import StudyTracker, artifact_location, cell_key, ensure_study_run, log_report
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +58,74 @@ def test_a_trial_gets_one_child_run_however_often_it_is_started(data_dir: Path) 
         status="solved",
     )
     assert run.data.tags["ladder.trial_key"] == cell_key(cell) == rec.trial_key
+
+
+def _record(cell: dict, run_id: str, status: str, **kw: object) -> TrialRecord:
+    return TrialRecord(
+        study_id="s2",
+        trial_id=f"t-{cell['kind']}-{cell['point']}-{cell['seed']}",
+        kind=cell["kind"],
+        **cell["size"],
+        point=cell["point"],
+        coords=cell["coords"],
+        seed=cell["seed"],
+        lr=cell["lr"],
+        status=status,  # type: ignore[arg-type]
+        mlflow_run_id=run_id,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_runs_carry_what_a_reviewer_groups_and_charts_by(data_dir: Path) -> None:
+    settings = get_settings()
+    uri = settings.mlflow_uri
+    parent = ensure_study_run(uri, "s2", SPEC, artifact_location(uri, settings.data_dir, "s2"))
+    tracker = StudyTracker("s2", parent)
+    exp = tracker.client.get_experiment(parent["experiment_id"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (data_dir / "mlartifacts" / "s2").as_uri(), "artifacts stay under the data dir"
+    assert artifact_location("http://mlflow:5000", settings.data_dir, "s2") is None, "a server keeps its own store"
+
+    records = []
+    for kind in SPEC.attention:
+        for point_idx, status in ((0, "solved"), (1, "unsolved")):
+            cell = make_cell(SPEC, kind, 0, point_idx, 0.003, 0)
+            run_id = tracker.trial_run(f"{kind}{point_idx}", cell, {"lr": 0.003})
+            solved = status == "solved"
+            rec = _record(cell, run_id, status, eval_acc=0.995 if solved else 0.4, eval_acc_lo=0.99, eval_acc_hi=0.998)
+            rec = rec.model_copy(update={"steps_to_solve": 300 if solved else None, "steps": 300 if solved else 600})
+            tracker.finish(rec)
+            records.append(rec)
+    failed_cell = make_cell(SPEC, "ea", 0, 1, 0.003, 1)
+    failed = _record(failed_cell, tracker.trial_run("f", failed_cell, {}), "diverged", error="loss nan")
+    tracker.finish(failed)
+
+    found = tracker.client.search_runs([parent["experiment_id"]])
+    runs = {r.data.tags["ladder.trial_key"]: r for r in found if r.info.run_id != parent["run_id"]}
+    for rec in records:
+        run = runs[rec.trial_key]
+        m, tags = run.data.metrics, run.data.tags
+        assert m["solved"] == (rec.status == "solved")
+        assert ("steps_to_solve" in m) == (rec.status == "solved")
+        assert (m["final_eval_acc"], m["final_eval_acc_lo"], m["final_eval_acc_hi"]) == (rec.eval_acc, 0.99, 0.998)
+        assert tags["pair"] == rec.pair_key and tags["cell"] == f"{rec.kind}/{rec.size_name}/{rec.point}"
+        assert tags["mlflow.source.git.commit"] and tags["version.mlflow"]
+        assert run.info.run_name.startswith(f"{rec.kind} {rec.size_name} {rec.point}")
+    twins = [r for r in runs.values() if r.data.tags["pair"] == records[0].pair_key]
+    assert sorted(r.data.tags["kind"] for r in twins) == sorted(SPEC.attention), "a pair lines up one run per kind"
+    assert "solved" not in runs[failed.trial_key].data.metrics, "no verdict for a trial without an outcome"
+    assert runs[failed.trial_key].info.status == "FAILED"
+
+    out = data_dir / "report"
+    report = write_report(SPEC, [*records, failed], out, {"study_id": "s2"})
+    log_report(uri, parent["run_id"], report, out)
+    metrics = tracker.client.get_run(parent["run_id"]).data.metrics
+    for kind in SPEC.attention:
+        assert metrics[f"frontier_rung/{kind}/d16_l1_h2"] == 0
+        assert metrics[f"solved_cells/{kind}/d16_l1_h2"] == 1
+        assert metrics[f"solved_trials/{kind}/d16_l1_h2"] == 1
+    paths = {a.path for a in tracker.client.list_artifacts(parent["run_id"])}
+    assert {"frontier.json", "report", "images"} <= paths
+    assert "report/report.html" in {a.path for a in tracker.client.list_artifacts(parent["run_id"], "report")}
+    local = data_dir / "mlartifacts" / "s2" / parent["run_id"] / "artifacts"
+    assert (local / "report" / "frontier.png").is_file() and list((local / "images").glob("frontier*.png"))
