@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
+from service.docs_assets import serve_docs_offline
 from service.launcher import Launcher, make_launcher
 from service.registry import ACTIVE, TERMINAL, Registry, Study
 from service.schemas import ErrorBody, Health, Links, Progress, StudiesPublic, StudyPublic, TrialsPublic
@@ -244,6 +245,7 @@ def create_app(settings: Settings | None = None, launcher: Launcher | None = Non
         summary="Capacity-frontier studies: dot-product vs expressive attention, on Ray Tune, Optuna and MLflow.",
         lifespan=lifespan,
     )
+    serve_docs_offline(app)
     app.state.settings = settings
     app.state.registry = Registry(settings.registry)
     app.state.launcher = launcher or make_launcher(settings)
