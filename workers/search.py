@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -15,7 +16,7 @@ import optuna
 from ray.tune.search import Searcher
 from scipy.optimize import isotonic_regression
 
-from studies.records import OUTCOMES
+from studies.records import OUTCOMES, trial_key
 from studies.spec import StudySpec
 from studies.stats import decide, seeds_to_decide
 from workers.model import ModelConfig, count_parameters
@@ -102,6 +103,12 @@ class PairedOptunaSearch(_PicklingSearcher):
         return [up] if self.spec.search.objective == "margin" else [up] * len(self.spec.attention) + [down]
 
     @property
+    def metric_names(self) -> list[str]:
+        """The objectives by name (shown by optuna-dashboard)."""
+        kinds = self.spec.attention
+        return ["margin"] if self.spec.search.objective == "margin" else [f"score_{k}" for k in kinds] + ["n_params"]
+
+    @property
     def study(self) -> optuna.Study:
         if self._study is None:
             self._study = optuna.create_study(
@@ -111,6 +118,9 @@ class PairedOptunaSearch(_PicklingSearcher):
                 directions=self.directions,
                 load_if_exists=True,
             )
+            with warnings.catch_warnings():  # set_metric_names is marked experimental since Optuna 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._study.set_metric_names(self.metric_names)
         return self._study
 
     def save(self, checkpoint_path: str) -> None:
@@ -148,6 +158,8 @@ class PairedOptunaSearch(_PicklingSearcher):
             trial.set_user_attr("ladder.pick", base)
             trial.set_user_attr("ladder.size", size.name)
             trial.set_user_attr("ladder.point", point.name)
+            keys = [trial_key(kind, size.name, point.name, p["lr"], seed) for kind, seed in self.twins]
+            trial.set_user_attr("ladder.trial_keys", keys)  # stable across resumes, unlike Tune's trial ids
             for kind, seed in self.twins:
                 self.pending.append((base, make_cell(self.spec, kind, p["size_idx"], p["point_idx"], p["lr"], seed)))
         base, cell = self.pending.pop(0)

@@ -126,15 +126,17 @@ def finish_study_run(tracking_uri: str, run_id: str, state: str) -> None:
 def summary_metrics(report: Report) -> dict[str, float]:
     """Per kind and size: the frontier and the solved count, named ``<what>/<kind>/<size>``.
 
-    ``frontier_rung`` is the highest solved rung of a ladder (-1: none solved);
-    ``frontier_points`` the number of Pareto-maximal solved points; ``solved_cells`` the
-    number of solved (size, point) cells; ``solved_trials`` the solved trials over all seeds.
+    For a ladder, ``frontier_rung`` is the highest rung certainly solved and
+    ``frontier_rung_possible`` the highest possibly solved (the frontier's interval; -1: none).
+    ``frontier_points`` counts the Pareto-maximal solved points; ``solved_cells`` the solved
+    (size, point) cells; ``solved_trials`` the solved trials over all seeds.
     """
     out: dict[str, float] = {}
     for f in report.frontier:
         at = f"{f.kind}/{f.size}"
         if report.is_ladder:
             out[f"frontier_rung/{at}"] = -1 if f.highest_rung is None else f.highest_rung
+            out[f"frontier_rung_possible/{at}"] = -1 if f.highest_possible_rung is None else f.highest_possible_rung
         out[f"frontier_points/{at}"] = len(f.points)
         out[f"solved_cells/{at}"] = f.n_solved
         out[f"solved_trials/{at}"] = sum(c.successes for c in report.cells if (c.kind, c.size) == (f.kind, f.size))

@@ -121,8 +121,10 @@ def test_runs_carry_what_a_reviewer_groups_and_charts_by(data_dir: Path) -> None
     log_report(uri, parent["run_id"], report, out)
     metrics = tracker.client.get_run(parent["run_id"]).data.metrics
     for kind in SPEC.attention:
-        assert metrics[f"frontier_rung/{kind}/d16_l1_h2"] == 0
-        assert metrics[f"solved_cells/{kind}/d16_l1_h2"] == 1
+        front = report.frontier_of(kind, "d16_l1_h2")
+        assert metrics[f"frontier_rung/{kind}/d16_l1_h2"] == (-1 if front.highest_rung is None else front.highest_rung)
+        assert metrics[f"frontier_rung_possible/{kind}/d16_l1_h2"] == front.highest_possible_rung >= 0
+        assert metrics[f"solved_cells/{kind}/d16_l1_h2"] == front.n_solved
         assert metrics[f"solved_trials/{kind}/d16_l1_h2"] == 1
     paths = {a.path for a in tracker.client.list_artifacts(parent["run_id"])}
     assert {"frontier.json", "report", "images"} <= paths
