@@ -229,8 +229,9 @@ class PairedOptunaSearch(_PicklingSearcher):
 class FrontierSearch(_PicklingSearcher):
     """Boundary search: settle each (kind, size) frontier with as few trials as the decisions allow.
 
-    Seeds are pooled per cell (kind, size, point) and every probe runs all kinds (and every lr)
-    on the same seeds, so kinds stay paired. Per lane (a size and, on a grid, the other axes)
+    Seeds are pooled per cell (kind, size, point); the first probe of a cell runs all kinds (and
+    every lr) on the same seeds, so kinds stay paired, and more seeds go only to kinds whose
+    cell is still undetermined. Per lane (a size and, on a grid, the other axes)
     and kind, the boundary lies between the highest rung solved with confidence and the lowest
     unsolved one above it (``studies.stats.decide``, the report's rule); rungs are inferred from
     monotonicity until the data contradict it (a confident hole), after which that lane is
@@ -339,11 +340,11 @@ class FrontierSearch(_PicklingSearcher):
         lo, _, _ = self.lane_status(kind, self.size_order[pos - 1], rest)
         return lo if lo >= 0 else None
 
-    def _free_seeds(self, si: int, pi: int) -> list[int]:
-        """Seeds not yet run at this cell by any kind or lr (nor retried out), in spec order."""
+    def _free_seeds(self, si: int, pi: int, kinds: list[str]) -> list[int]:
+        """Seeds not yet run at this cell by any of ``kinds`` at any lr (nor retried out), in spec order."""
         free = []
         for seed in self.spec.seeds:
-            keys = [(kind, si, pi, seed, lr) for kind in self.kinds for lr in self.lrs]
+            keys = [(kind, si, pi, seed, lr) for kind in kinds for lr in self.lrs]
             if any(
                 (seed, k[4]) in self.outcomes.get(k[:3], {})
                 or self.in_flight.get(k)
@@ -356,7 +357,7 @@ class FrontierSearch(_PicklingSearcher):
 
     def _probe_rung(self, kind: str, si: int, rest: tuple[int, ...]) -> int | None:
         """The rung to probe next for one kind on a lane, or None when its boundary is settled (or seeds ran out)."""
-        open_ = [r for r in self._open_rungs(kind, si, rest) if self._free_seeds(si, self.index[(*rest, r)])]
+        open_ = [r for r in self._open_rungs(kind, si, rest) if self._free_seeds(si, self.index[(*rest, r)], [kind])]
         if not open_:
             return None
         fresh = not any(
@@ -376,7 +377,7 @@ class FrontierSearch(_PicklingSearcher):
         return tuple(self.points[pi].coords[:-1])
 
     def _plan(self) -> list[Cell]:
-        """Next probes: on each idle lane, each kind's rung (P(solved) nearest 0.5), run for every kind and lr."""
+        """Next probes: on each idle lane, each kind's rung (P(solved) nearest 0.5), run for every lr."""
         planned: list[Cell] = []
         for si, rest in self.lanes:
             if self._lane_busy(si, rest):
@@ -384,10 +385,17 @@ class FrontierSearch(_PicklingSearcher):
             rungs = sorted({r for kind in self.kinds if (r := self._probe_rung(kind, si, rest)) is not None})
             for r in rungs:
                 pi = self.index[(*rest, r)]
-                need = max(seeds_to_decide(*self._counts(kind, si, pi)) or 1 for kind in self.kinds)
-                for seed in self._free_seeds(si, pi)[:need]:
+                # a cell's first probe runs every kind (paired seeds); more seeds go only where undetermined
+                fresh = not any(self.outcomes.get((k, si, pi)) for k in self.kinds)
+                kinds = [
+                    k for k in self.kinds if fresh or decide_or_unknown(*self._counts(k, si, pi)) == "undetermined"
+                ]
+                if not kinds:
+                    continue
+                need = max(seeds_to_decide(*self._counts(kind, si, pi)) or 1 for kind in kinds)
+                for seed in self._free_seeds(si, pi, kinds)[:need]:
                     for lr in self.lrs:
-                        for kind in self.kinds:
+                        for kind in kinds:
                             self.in_flight[(kind, si, pi, seed, lr)] += 1
                             planned.append(make_cell(self.spec, kind, si, pi, lr, seed))
         return planned
@@ -432,6 +440,11 @@ class FrontierSearch(_PicklingSearcher):
         cell = self.cell_of.pop(trial_id, None)
         if cell is not None:
             self.record(cell, result, error)
+
+
+def decide_or_unknown(successes: int, n: int) -> str:
+    """``decide`` for a cell with outcomes; a cell without any is undetermined (it needs seeds)."""
+    return decide(successes, n) if n else "undetermined"
 
 
 def _sizes_by_params(spec: StudySpec) -> list[int]:

@@ -152,19 +152,29 @@ def test_boundary_search_settles_a_monotone_ladder_with_a_fraction_of_the_grid(c
     assert search.suggest("after") == FINISHED
 
 
-def test_every_probe_runs_all_kinds_and_lrs_on_the_same_seeds() -> None:
+def test_a_cells_first_probe_runs_all_kinds_and_lrs_on_the_same_seeds() -> None:
     search = FrontierSearch(LADDER_2LR)
     sim = Sim(search, ladder_truth, concurrency=5)
     sim.run()
-    by_probe: dict[tuple[Any, ...], set[str]] = {}
+    seeds: dict[tuple[Any, ...], dict[tuple[str, float], list[int]]] = {}
     for _, c in sim.suggested:
-        by_probe.setdefault(probe_key(c), set()).add(c["kind"])
-    assert all(kinds == {"dpa", "ea"} for kinds in by_probe.values())
-    lrs = {(k[0], k[1], k[3]): set() for k in by_probe}
-    for k in by_probe:
-        lrs[(k[0], k[1], k[3])].add(k[2])
-    assert all(v == {1e-3, 3e-3} for v in lrs.values())
+        seeds.setdefault((c["size_idx"], tuple(c["coords"])), {}).setdefault((c["kind"], c["lr"]), []).append(c["seed"])
+    for per in seeds.values():
+        assert set(per) == {(k, lr) for k in ("dpa", "ea") for lr in (1e-3, 3e-3)}, "every kind and lr, paired"
+        assert all(v == SEEDS8[: len(v)] for v in per.values()), "seeds in spec order"
+        assert min(len(v) for v in per.values()) >= 4, "the first probe: enough seeds to decide, for all"
     assert len({(*probe_key(c), c["kind"]) for _, c in sim.suggested}) == len(sim.suggested), "no trial twice"
+
+
+def test_extra_seeds_go_only_to_the_kind_still_undetermined() -> None:
+    search = FrontierSearch(spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, search={"method": "frontier"}))
+    first = search.next_cells(100)
+    assert {tuple(c["coords"]) for c in first} == {(3,)} and len(first) == 8
+    for c in first:  # dpa 4/4 unsolved (decided); ea 2/4 (undetermined)
+        solved = c["kind"] == "ea" and c["seed"] < 2
+        search.record(c, {"final": True, "status": "solved" if solved else "unsolved"})
+    more = [c for c in search.next_cells(100) if c["coords"] == [3]]
+    assert more and {c["kind"] for c in more} == {"ea"} and {c["seed"] for c in more} == {4, 5, 6, 7}
 
 
 def test_next_cells_hands_out_a_batch_and_waits_for_results() -> None:
