@@ -9,10 +9,12 @@ its steps-to-solve, an unsolved one the whole budget (stop-when-solved), times a
 step cost. Both trial sets go through ``build_report``; we compare the determined frontiers,
 count cells decided with confidence in opposite ways (must be 0) and take the CPU-s ratio.
 ``--repeats`` salts give medians. ``--real SPEC`` also runs a real study both ways on local
-Ray, each in its own driver process.
+Ray, each in its own driver process; ``--replay STUDY_DIR`` runs the search on a finished
+real grid study's recorded trials (each trial the search asks for is the recorded one).
 
     .venv/bin/python -m benchmarks.bench_frontier --repeats 20
     .venv/bin/python -m benchmarks.bench_frontier --repeats 5 --real studies/quickstart.yaml
+    .venv/bin/python -m benchmarks.bench_frontier --repeats 0 --replay ladder-data/studies/quickstart-1a2b3c4d
 """
 
 from __future__ import annotations
@@ -133,9 +135,11 @@ def grid_records(ladder: Ladder, salt: int) -> list[TrialRecord]:
     ]
 
 
-def search_records(ladder: Ladder, salt: int, concurrency: int) -> list[TrialRecord]:
+def search_records(
+    spec: StudySpec, oracle: Callable[[dict[str, Any]], TrialRecord], concurrency: int
+) -> list[TrialRecord]:
     """Drive the searcher as Tune does: ``concurrency`` trials in flight, the oldest finishes first."""
-    search = FrontierSearch(ladder.spec)
+    search = FrontierSearch(spec)
     running: deque[tuple[str, dict[str, Any]]] = deque()
     out: list[TrialRecord] = []
     n = 0
@@ -149,7 +153,7 @@ def search_records(ladder: Ladder, salt: int, concurrency: int) -> list[TrialRec
         if not running:
             return out
         trial_id, cell = running.popleft()
-        rec = simulate(ladder, cell, salt)
+        rec = oracle(cell)
         out.append(rec)
         search.on_trial_complete(trial_id, {"final": True, "status": rec.status})
 
@@ -169,7 +173,8 @@ def compare(grid: Report, search: Report) -> dict[str, Any]:
 
 
 def run_simulated(ladder: Ladder, salt: int, concurrency: int) -> dict[str, Any]:
-    g, s = grid_records(ladder, salt), search_records(ladder, salt, concurrency)
+    g = grid_records(ladder, salt)
+    s = search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency)
     cmp = compare(build_report(ladder.spec, g), build_report(ladder.spec, s))
     cpu_g, cpu_s = sum(r.cpu_s for r in g), sum(r.cpu_s for r in s)
     return {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": cpu_s / cpu_g, **cmp}
@@ -193,11 +198,31 @@ def run_real(spec: StudySpec, method: str, data_dir: Path) -> list[TrialRecord]:
     return read_records(data_dir / "studies" / line.split()[1] / "trials.jsonl")
 
 
+def replay(study_dir: Path, concurrency: int) -> dict[str, Any]:
+    """The search on a real grid study's own trials: each trial it asks for is the recorded one
+    (same seed, same outcome, same CPU-s), so no trial has to run again."""
+    spec = StudySpec.model_validate_json((study_dir / "spec.json").read_text())
+    grid = read_records(study_dir / "trials.jsonl")
+    by_key = {(r.kind, r.size_name, r.point, r.seed, r.lr): r for r in grid}
+
+    def oracle(cell: dict[str, Any]) -> TrialRecord:
+        s = cell["size"]
+        return by_key[
+            (cell["kind"], f"d{s['d_model']}_l{s['n_layers']}_h{s['n_heads']}", cell["point"], cell["seed"], cell["lr"])
+        ]
+
+    found = search_records(spec, oracle, concurrency)
+    cmp = compare(build_report(spec, grid), build_report(spec, found))
+    ratio = sum(r.cpu_s for r in found) / max(1e-9, sum(r.cpu_s for r in grid))
+    return {"trials_grid": len(grid), "trials_search": len(found), "cpu_ratio": ratio, **cmp}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--repeats", type=int, default=20, help="salts per simulated ladder (medians over them)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
+    p.add_argument("--replay", help="a finished grid study directory: run the search on its recorded trials")
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
     raw: dict[str, Any] = {}
@@ -207,7 +232,7 @@ def main() -> int:
         "(median, max) | determined frontiers found | contradictions |"
     )
     print("|---|---|---|---|---|---|---|")
-    for ladder in LADDERS:
+    for ladder in LADDERS if args.repeats else []:
         runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
         raw[ladder.name] = runs
         spec = ladder.spec
@@ -230,6 +255,9 @@ def main() -> int:
         ratio = sum(r.cpu_s for r in s) / max(1e-9, sum(r.cpu_s for r in g))
         raw["real"] = {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": ratio, **cmp}
         print(f"\nreal {args.real}: {json.dumps(raw['real'])}")
+    if args.replay:
+        raw["replay"] = replay(Path(args.replay), args.concurrency)
+        print(f"\nreplay of {args.replay}: {json.dumps(raw['replay'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0

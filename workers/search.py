@@ -311,6 +311,11 @@ class FrontierSearch(_PicklingSearcher):
         lo, hi, monotone = self.lane_status(kind, si, rest)
         if monotone:
             open_ = [r for r in range(lo + 1, hi) if (*rest, r) in self.index]
+            if open_:
+                return open_
+            # settled: cells probed on the way that are still undetermined get seeds too, so the
+            # report (which infers nothing) can call the boundary determined
+            open_ = [r for r, st in enumerate(states) if st == "undetermined"]
             if open_ or not self.verify:
                 return open_
             # settled if monotone: check the easiest rung, where a hole shows itself cheaply (solved
