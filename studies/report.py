@@ -959,6 +959,8 @@ def frontier_text(report: Report, f: Frontier) -> str:
         if f.n_undetermined:
             text += f" +{f.n_undetermined} undetermined"
         return text
+    if f.n_solved + f.n_unsolved + f.n_undetermined == 0:
+        return "not run" if not f.n_no_outcome else "no outcome"
     lo = "none" if f.highest_rung is None else str(f.highest_rung)
     hi = "none" if f.highest_possible_rung is None else str(f.highest_possible_rung)
     if f.determined:
