@@ -196,3 +196,16 @@ def test_a_mixture_of_identical_rules_cannot_be_solved_and_is_refused_with_the_n
     assert problem and f"{bound:.4f}" in problem and "N5_T1+N5_T2" in problem
     assert ceiling_problem(nt_family([(7, 1), (7, 2)]), 16, 0.99) is None
     assert math.isclose(identifiability_ceiling(nt_family([(7, 3)]), 16)["N7_T3"], 1.0)
+
+
+def test_the_bound_of_a_long_context_is_cheap_and_still_an_upper_bound():
+    import time
+
+    mix = nt_family([(5, 1), (7, 1)])
+    t0 = time.process_time()
+    long = solvable_bound(mix, 4096)
+    assert time.process_time() - t0 < 20
+    # beyond the first positions every guess counts as right: the long context's bound is at least the short one's
+    assert solvable_bound(mix, 16) <= long <= 1.0
+    big = nt_family([(97, 300), (89, 2)])
+    assert 0.9 < solvable_bound(big, 4096) <= 1.0
