@@ -32,28 +32,12 @@ def run(out: str, part: int, parts: int) -> None:
     for i, (p, kind, seed) in enumerate(cells):
         if i % parts != part:
             continue
-        kw = {
-            "attention": kind,
-            "task": [list(m) for m in p.members],
-            "identify_margin": spec.task.identify_margin,
-            "d_model": size.d_model,
-            "n_layers": size.n_layers,
-            "n_heads": size.n_heads,
-            "context_length": spec.training.context_length,
-            "eps": spec.eps,
-            "lr": spec.hparams.lr.grid_values()[0],
-            "warmup_steps": spec.training.warmup_steps,
-            "weight_decay": spec.training.weight_decay,
-            "grad_clip": spec.training.grad_clip,
-            "batch_size": spec.training.batch_size,
-            "max_steps": spec.training.max_steps,
-            "eval_interval": spec.training.eval_interval,
-            "eval_sequences": spec.training.eval_sequences or 0,  # the old spec's default is 512
-            "threshold": spec.threshold,
-            "seed": seed,
-            "device": "cpu",
-        }
-        r = run_trial(TrialConfig(**{k: v for k, v in kw.items() if k in fields}))
+        # the spec's fields that TrialConfig shares by name (works for the old spec and the new one)
+        flat = spec.training.model_dump() | spec.task.model_dump() | {"eps": spec.eps, "threshold": spec.threshold}
+        flat["eval_sequences"] = flat["eval_sequences"] or 0  # the old spec's default is 512, the new one's None
+        flat |= {"attention": kind, "task": [list(m) for m in p.members], "seed": seed, "device": "cpu"}
+        flat |= size.model_dump() | {"lr": spec.hparams.lr.grid_values()[0]}
+        r = run_trial(TrialConfig(**{k: v for k, v in flat.items() if k in fields}))
         keep = {k: v for k, v in r.items() if k != "config"} | {"point": p.name, "kind": kind, "seed": seed}
         with open(out, "a") as f:
             f.write(json.dumps(keep) + "\n")
