@@ -209,3 +209,10 @@ def test_the_bound_of_a_long_context_is_cheap_and_still_an_upper_bound():
     assert solvable_bound(mix, 16) <= long <= 1.0
     big = nt_family([(97, 300), (89, 2)])
     assert 0.9 < solvable_bound(big, 4096) <= 1.0
+
+
+def test_readme_names_the_generator_version_the_code_records():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"Generator version `{GENERATOR_VERSION}`" in readme
