@@ -85,9 +85,10 @@ def frontier_figure(report: Report) -> Figure:
     n_kinds = len(report.kinds)
     for i, kind in enumerate(report.kinds):
         shift = 1.06 ** (i - (n_kinds - 1) / 2)  # kinds side by side, so intervals do not hide each other
-        ys, tops, open_ = [], [], []
+        ys, tops, open_, seen = [], [], [], []
         for s in sizes:
             f = report.frontier_of(kind, s.name)
+            seen.append(math.nan if f.highest_observed_rung is None or f.determined else f.highest_observed_rung)
             if f.n_solved + f.n_unsolved + f.n_undetermined == 0:
                 ys.append(math.nan)  # nothing with an outcome at this size
                 tops.append(math.nan)
@@ -102,6 +103,17 @@ def frontier_figure(report: Report) -> Figure:
         color = _kind_color(i)
         marker = MARKERS[i % len(MARKERS)]
         ax.plot(x, ys, color=color, linestyle="-" if i == 0 else "--", linewidth=1.8, label=kind)
+        if report.is_ladder and not all(math.isnan(v) for v in seen):
+            ax.plot(
+                x,
+                seen,
+                linestyle="none",
+                marker="x",
+                markersize=9,
+                markeredgewidth=2,
+                color=color,
+                label=f"{kind}: seen (most seeds solved; not a decision)",
+            )
         for xi, y, top, hollow in zip(x, ys, tops, open_, strict=True):
             if math.isnan(y):
                 continue
@@ -126,7 +138,7 @@ def frontier_figure(report: Report) -> Figure:
     lo, hi = min(xs), max(xs)
     ax.set_xlim(lo / 1.5, hi * 1.5)
     ax.set_xlabel("model size (trainable parameters, log scale)")
-    note = "marker: certainly solved (hollow: not determined); bar: up to possibly solved"
+    note = "marker: certainly solved (hollow: not determined); bar: up to possibly solved; x: seen"
     if report.is_ladder:
         _rung_ticks(ax, report)
         ax.set_ylabel("highest rung solved (index: task point)")
