@@ -180,3 +180,14 @@ def test_a_failing_pack_fails_every_member_with_a_record():
     records = run_pack([replace(TINY, context_length=1), replace(TINY, context_length=1, seed=1)])
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert all("context_length" in r["error"] for r in records)
+
+
+def test_pack_matches_solo_under_the_fairness_settings():
+    # rotary positions, a learned temperature per head and split clipping: every trainer, the same trial
+    fair = replace(TINY, max_steps=40, positional="rotary", learn_temperature=True, temperature=0.5)
+    cfgs = [replace(fair, grad_clip_mode="split", seed=0), replace(fair, grad_clip_mode="split", seed=1, lr=1e-2)]
+    for cfg, r in zip(cfgs, run_pack(cfgs), strict=True):
+        solo = run_trial(cfg)
+        assert r["status"] == solo["status"]
+        assert r["search_acc"] == pytest.approx(solo["search_acc"], abs=ACC_TOLERANCE)
+        assert r["train_loss"] == pytest.approx(solo["train_loss"], rel=1e-5)
