@@ -187,7 +187,8 @@ def run_real(spec: StudySpec, method: str, data_dir: Path) -> list[TrialRecord]:
     s = StudySpec.model_validate(spec.model_dump() | {"search": spec.search.model_dump() | {"method": method}})
     env = dict(os.environ, LADDER_DATA_DIR=str(data_dir), MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
     code = (
-        "import sys; from studies.spec import StudySpec; from workers.driver import prepare_study, run_study; "
+        "import sys; from studies.spec import StudySpec; from studies.studydir import prepare_study; "
+        "from workers.driver import run_study; "
         "spec = StudySpec.model_validate_json(sys.stdin.read()); sid = prepare_study(spec); "
         "print('STUDY', sid, run_study(sid))"
     )

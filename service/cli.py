@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import subprocess
@@ -15,23 +14,15 @@ from typing import Any
 import httpx
 
 from studies.records import OUTCOMES
+from studies.settings import is_loopback
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.main import create_app
     from studies.settings import get_settings
 
     settings = get_settings()
@@ -83,7 +74,7 @@ def wait_and_report(client: Client, study_id: str) -> dict[str, Any]:
 
     s = client.call("GET", f"/studies/{study_id}").json()
     with tqdm(total=s["progress"]["planned"], unit="trial", dynamic_ncols=True) as bar:
-        while s["state"] in ("pending", "running", "cancelling"):
+        while s["state"] in ("launching", "running", "cancelling"):
             time.sleep(1.0)
             s = client.call("GET", f"/studies/{study_id}").json()
             p = s["progress"]

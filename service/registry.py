@@ -1,8 +1,10 @@
-"""The study registry: SQLAlchemy on SQLite (default) or PostgreSQL, migrated by Alembic."""
+"""The study registry: SQLAlchemy on SQLite (default) or PostgreSQL, migrated by Alembic.
+
+Reads live here; every change of a study's state goes through ``service.lifecycle``.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,13 +12,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Float, Integer, String, Text, create_engine, func, select, text
+from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-
-ACTIVE = ("pending", "running", "cancelling")
-TERMINAL = ("finished", "failed", "cancelled", "interrupted")
-STATES = ACTIVE + TERMINAL
 
 
 class Base(DeclarativeBase):
@@ -37,6 +35,17 @@ class Study(Base):
     handle: Mapped[str | None] = mapped_column(String(200), nullable=True)  # pid or Ray job submission id
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    planned: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Slot(Base):
+    """One row per active study; the slot number (a primary key, < the cap) bounds how many there are."""
+
+    __tablename__ = "active_slots"
+
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    study_id: Mapped[str] = mapped_column(String(64), unique=True)
 
 
 def _alembic_config(url: str) -> Config:
@@ -51,8 +60,9 @@ class Registry:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        connect_args: dict[str, Any] = {"timeout": 30} if url.startswith("sqlite") else {}
-        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        sqlite = url.startswith("sqlite")
+        connect_args: dict[str, Any] = {"timeout": 30} if sqlite else {}
+        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not sqlite)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -70,11 +80,6 @@ class Registry:
     def session(self) -> Iterator[Session]:
         with self._session.begin() as s:
             yield s
-
-    def add(self, study: Study) -> Study:
-        with self.session() as s:
-            s.add(study)
-        return study
 
     def get(self, study_id: str) -> Study | None:
         with self.session() as s:
@@ -94,22 +99,11 @@ class Registry:
             rows = s.scalars(q.order_by(Study.created.desc(), Study.id).limit(limit).offset(offset)).all()
             return list(rows), total
 
-    def active(self) -> list[Study]:
+    def in_states(self, states: tuple[str, ...]) -> list[Study]:
         with self.session() as s:
-            return list(s.scalars(select(Study).where(Study.state.in_(ACTIVE))).all())
+            return list(s.scalars(select(Study).where(Study.state.in_(states))).all())
 
-    def update(self, study_id: str, **fields: Any) -> Study | None:
+    def slots(self) -> dict[str, int]:
+        """Active study id -> its slot."""
         with self.session() as s:
-            study = s.get(Study, study_id)
-            if study is None:
-                return None
-            for k, v in fields.items():
-                setattr(study, k, v)
-            study.updated = time.time()
-            return study
-
-    def delete(self, study_id: str) -> None:
-        with self.session() as s:
-            study = s.get(Study, study_id)
-            if study is not None:
-                s.delete(study)
+            return {r.study_id: r.slot for r in s.scalars(select(Slot)).all()}

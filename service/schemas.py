@@ -37,7 +37,7 @@ class Links(BaseModel):
 class StudyPublic(BaseModel):
     id: str
     name: str
-    state: str = Field(description="pending | running | cancelling | finished | failed | cancelled | interrupted")
+    state: str = Field(description="launching | running | cancelling | finished | failed | cancelled | interrupted")
     created: float
     updated: float
     launcher: str
@@ -66,3 +66,7 @@ class TrialsPublic(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 422, 429)}
+LAUNCH_ERRORS = ERRORS | {503: {"model": ErrorBody, "description": "the driver could not be launched or asked"}}

@@ -55,7 +55,8 @@ def _print_frontier(study_id: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)  # before importing Ray and torch: a typo fails at once
-    from workers.driver import prepare_study, run_study
+    from studies.studydir import prepare_study
+    from workers.driver import run_study
 
     study_id = prepare_study(spec)  # type: ignore[arg-type]
     _print_where(study_id)
@@ -63,6 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nstudy {study_id}: {state}")
     _print_frontier(study_id)
     _print_where(study_id)
+    return _exit(study_id, state)
+
+
+def _exit(study_id: str, state: str) -> int:
+    if state in ("interrupted", "cancelled", "failed"):
+        print(f"resume with: ladder resume {study_id}")
     return 0 if state in ("finished", "cancelled") else 1
 
 
@@ -75,7 +82,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     state = run_study(args.study_id, resume=True, progress=True)
     print(f"\nstudy {args.study_id}: {state}")
     _print_frontier(args.study_id)
-    return 0 if state in ("finished", "cancelled") else 1
+    return _exit(args.study_id, state)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

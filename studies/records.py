@@ -1,16 +1,21 @@
 """Trial records: what the driver writes for every finished trial and the report reads.
 
-One JSON object per line in ``<study dir>/trials.jsonl``; a trial id may appear more than
-once (a retried or resumed trial), the last line wins.
+One JSON object per line in ``<study dir>/trials.jsonl``. A trial key (``trial_key``: what the
+trial trains) may appear more than once (a retried or resumed trial): the last line wins. A
+driver killed mid-write leaves a torn last line: readers skip it, ``repair_records`` cuts it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
 
 # solved / unsolved: a real outcome at the study's budget. stopped: cut short by the
 # early-stopping scheduler, so censored: not known to be unsolved, never counted as an outcome.
@@ -80,22 +85,56 @@ def trial_key(kind: str, size: str, point: str, lr: float, seed: int) -> str:
     return f"{kind}/{pair_key(size, point, lr, seed)}"
 
 
+def _parse_lines(text: str, path: Path) -> list[TrialRecord]:
+    out = []
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(TrialRecord.model_validate_json(line))
+        except ValidationError:
+            torn = i == len(lines) - 1  # no newline after it: a write the driver did not finish
+            log.warning("%s line %d: %s record skipped", path, i + 1, "torn (unfinished)" if torn else "unreadable")
+    return out
+
+
 def read_records(path: str | Path) -> list[TrialRecord]:
-    """Records of a trials file, one per trial id (the last line wins), in file order."""
+    """Records of a trials file, one per trial key (the last line wins), in file order; bad lines skipped."""
     p = Path(path)
-    if not p.exists():
+    try:
+        text = p.read_text(errors="replace")
+    except FileNotFoundError:
         return []
-    by_id: dict[str, TrialRecord] = {}
-    for line in p.read_text().splitlines():
-        if line.strip():
-            rec = TrialRecord.model_validate_json(line)
-            by_id.pop(rec.trial_id, None)
-            by_id[rec.trial_id] = rec
-    return list(by_id.values())
+    by_key: dict[str, TrialRecord] = {}
+    for rec in _parse_lines(text, p):
+        by_key.pop(rec.trial_key, None)
+        by_key[rec.trial_key] = rec
+    return list(by_key.values())
+
+
+def repair_records(path: str | Path) -> int:
+    """Cut a torn last line (a driver killed mid-write); returns the bytes removed."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(p, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning("%s: cut a torn last record (%d bytes)", p, len(data) - keep)
+    return len(data) - keep
 
 
 def append_record(path: str | Path, record: TrialRecord | dict[str, Any]) -> None:
+    """Append one record as one line, flushed to disk (a torn line is only ever the last)."""
     rec = record if isinstance(record, TrialRecord) else TrialRecord.model_validate(record)
     with open(path, "a") as f:
         f.write(json.dumps(rec.model_dump(mode="json"), sort_keys=True) + "\n")
         f.flush()
+        os.fsync(f.fileno())

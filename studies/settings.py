@@ -6,11 +6,23 @@ Optuna and MLflow, Ray Tune results beside them. Scale-out changes only these se
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.1``, ``::1``, ``[::1]``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -26,12 +38,22 @@ class Settings(BaseSettings):
     ray_dashboard_url: str | None = Field(default=None, description="base URL of the Ray dashboard for job links")
     api_token: str | None = Field(default=None, description="bearer token for the API; required off loopback")
     auth_reads: bool = Field(default=False, description="require the token on read endpoints too")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Host header values the API answers (comma-separated; '*.example.org' and '*' allowed); "
+        "default: localhost names without a token, any host with one",
+    )
     host: str = Field(default="127.0.0.1", description="address `ladder serve` listens on")
     port: int = Field(default=8000, ge=1, le=65535, description="port `ladder serve` listens on")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest accepted request body")
     max_trials_per_study: int = Field(default=2000, ge=1, description="cap on a study's planned trials")
     max_concurrent_studies: int = Field(default=4, ge=1, description="cap on studies running at once")
     cancel_grace_s: float = Field(default=15.0, gt=0, description="seconds a cancelled driver gets before SIGKILL")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        return [h.strip() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
 
     @field_validator("data_dir")
     @classmethod

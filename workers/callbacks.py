@@ -16,7 +16,7 @@ from ray.tune.experiment import Trial
 from studies.records import OUTCOMES, TrialRecord, append_record, read_records
 from studies.settings import Settings
 from studies.spec import StudySpec
-from studies.status import update_status
+from studies.studydir import RECORDS, update_status
 from workers.tracking import StudyTracker
 from workers.trial import TrialConfig
 
@@ -165,11 +165,18 @@ class StudyCallback(Callback):
             mlflow_run_id=self._run(trial),
             error=error,
         )
-        append_record(self.study_dir / "trials.jsonl", rec)
+        if not self._recorded(rec):  # a trial rerun after a resume is recorded (and counted) once
+            append_record(self.study_dir / RECORDS, rec)
         self.tracker.finish(rec)
 
+    def _recorded(self, rec: TrialRecord) -> bool:
+        """An outcome is on file for this trial key already (a failure may be retried and recorded again)."""
+        return any(
+            r.trial_key == rec.trial_key and r.status in OUTCOMES for r in read_records(self.study_dir / RECORDS)
+        )
+
     def _refresh(self, trials: list[Trial]) -> None:
-        records = read_records(self.study_dir / "trials.jsonl")
+        records = read_records(self.study_dir / RECORDS)
         counts: dict[str, int] = {}
         for r in records:
             counts[r.status] = counts.get(r.status, 0) + 1

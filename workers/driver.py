@@ -1,7 +1,7 @@
 """The study driver: one process per study runs a Ray Tune experiment and tracks it.
 
 All Ray calls live here: the trainable, the Tuner builder, stoppers and the ``__main__``
-entry (``python -m workers.driver STUDY_ID [--resume]``). The Tune callback that writes
+entry (``python -m workers.driver STUDY_ID [--attempt N] [--resume]``). The Tune callback that writes
 trial records lives in :mod:`workers.callbacks`, MLflow tracking in :mod:`workers.tracking`.
 """
 
@@ -15,7 +15,6 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,19 @@ from ray import tune
 from ray.tune import Checkpoint, Stopper
 from ray.tune.schedulers import ASHAScheduler
 
-from studies.records import read_records
+from studies.records import read_records, repair_records
 from studies.settings import Settings, get_settings
 from studies.spec import StudySpec
-from studies.status import read_status, update_status
+from studies.studydir import (
+    RECORDS,
+    REPORT,
+    driver_lock,
+    publish_dir,
+    read_spec,
+    read_status,
+    update_status,
+    write_driver_pid,
+)
 from workers import tracking
 from workers.callbacks import StudyCallback, fixed_config, trial_config
 from workers.provenance import git_sha, versions
@@ -36,11 +44,12 @@ from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, m
 from workers.tasks import GENERATOR_VERSION
 from workers.trial import run_trial
 
-__all__ = ["new_study_id", "prepare_study", "read_status", "run_study", "update_status"]
+__all__ = ["run_study"]
 
 log = logging.getLogger(__name__)
 
-_cancel_requested = False  # set by SIGTERM/SIGINT in the driver process
+_stop_requested = False  # set by SIGTERM/SIGINT in the driver process
+_in_fit = False  # Tune's own interrupt handler (SIGUSR1) is installed only while Tuner.fit runs
 
 
 # --- trial side -----------------------------------------------------------------------
@@ -85,32 +94,6 @@ def train_point(config: dict[str, Any]) -> None:
 
 
 # --- driver side ----------------------------------------------------------------------
-
-
-def new_study_id(spec: StudySpec) -> str:
-    return f"{spec.name[:40].lower()}-{uuid.uuid4().hex[:8]}"
-
-
-def prepare_study(spec: StudySpec, study_id: str | None = None, settings: Settings | None = None) -> str:
-    """Create the study directory with its spec; returns the study id."""
-    settings = settings or get_settings()
-    study_id = study_id or new_study_id(spec)
-    d = settings.study_dir(study_id)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "spec.json").write_text(spec.to_json())
-    if not (d / "status.json").exists():
-        update_status(d, study_id=study_id, state="pending", planned_trials=spec.planned_trials())
-    return study_id
-
-
-class CancelStopper(Stopper):
-    """Stops the whole experiment once the driver was asked to stop (SIGTERM/SIGINT)."""
-
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return _cancel_requested
-
-    def stop_all(self) -> bool:
-        return _cancel_requested
 
 
 class CpuBudgetStopper(Stopper):
@@ -162,7 +145,7 @@ def build_tuner(
             grace_period=spec.early_stopping.grace_period,
             reduction_factor=spec.early_stopping.reduction_factor,
         )
-    stoppers: list[Stopper] = [CancelStopper()]
+    stoppers: list[Stopper] = []
     if spec.caps.max_cpu_hours:
         stoppers.append(CpuBudgetStopper(spec.caps.max_cpu_hours * 3600))
     from ray.tune.stopper import CombinedStopper
@@ -181,7 +164,7 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=study_id,
             storage_path=settings.tune_storage,
-            stop=CombinedStopper(*stoppers),
+            stop=CombinedStopper(*stoppers) if stoppers else None,
             callbacks=[StudyCallback(study_id, spec, settings, tracker, progress)],
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -206,12 +189,33 @@ def _init_ray(settings: Settings) -> None:
         ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=False)
 
 
-def run_study(study_id: str, resume: bool = False, progress: bool = False, settings: Settings | None = None) -> str:
-    """Run (or resume) a prepared study to the end; returns its final state."""
-    global _cancel_requested
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGINT alike: end Tune's run the way Tune ends it on an interrupt (state saved, resumable)."""
+    global _stop_requested
+    _stop_requested = True
+    log.warning("signal %d: stopping the study (resumable)", signum)
+    if _in_fit:
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's interrupt handler while Tuner.fit runs
+
+
+def _final_state(study_dir: Path) -> str:
+    """A stopped study is 'cancelled' when the service asked for it, else 'interrupted'; both resumable."""
+    return "cancelled" if read_status(study_dir).get("cancel_requested") else "interrupted"
+
+
+def run_study(
+    study_id: str, resume: bool = False, progress: bool = False, settings: Settings | None = None, attempt: int = 0
+) -> str:
+    """Run (or resume) a prepared study to the end; returns its final state.
+
+    Trials already recorded are not run again (resume restores Tune's experiment; records
+    and MLflow runs are idempotent by trial key). Only one driver runs a study at a time:
+    a second one returns ``"duplicate"`` at once.
+    """
+    global _stop_requested
     settings = settings or get_settings()
     d = settings.study_dir(study_id)
-    spec = StudySpec.model_validate_json((d / "spec.json").read_text())
+    spec = read_spec(d)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -219,16 +223,29 @@ def run_study(study_id: str, resume: bool = False, progress: bool = False, setti
     # A trial that diverges (or fails) before its first evaluation reports no accuracy. Strict metric
     # checking would then fail the whole study; without it ASHA simply skips that result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    _cancel_requested = False
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # SIGINT goes through _on_stop_signal, like SIGTERM
+    _stop_requested = False
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    with driver_lock(d) as mine:
+        if not mine:
+            log.error("another driver of study %s is running; this one exits", study_id)
+            return "duplicate"
+        write_driver_pid(d, os.getpid())
+        if read_status(d).get("cancel_requested"):  # cancelled before this driver got going
+            update_status(d, state="cancelled", attempt=attempt, error=None, running=0, pid=None)
+            return "cancelled"
+        return _run_locked(study_id, spec, settings, resume, progress, attempt)
 
-    def _on_signal(signum: int, frame: Any) -> None:
-        global _cancel_requested
-        _cancel_requested = True
-        log.warning("signal %d: stopping study %s", signum, study_id)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    update_status(d, state="running", pid=os.getpid(), started=time.time(), error=None)
+def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool, progress: bool, attempt: int) -> str:
+    global _in_fit
+    d = settings.study_dir(study_id)
+    update_status(d, state="running", attempt=attempt, pid=os.getpid(), started=time.time(), error=None)
+    from studies.stores import init_stores
+
+    init_stores(settings)  # before MLflow or Optuna is touched: a fresh store is migrated once
+    repair_records(d / RECORDS)  # a driver killed mid-write left half a line
     mlinfo = read_status(d).get("mlflow") or tracking.ensure_study_run(
         settings.mlflow_uri,
         study_id,
@@ -239,6 +256,8 @@ def run_study(study_id: str, resume: bool = False, progress: bool = False, setti
     exp_path = Path(settings.tune_storage) / study_id
     state, error = "failed", None
     try:
+        if _stop_requested:
+            raise _Stopped
         _init_ray(settings)
         if resume and tune.Tuner.can_restore(str(exp_path)):
             tuner = tune.Tuner.restore(
@@ -249,16 +268,26 @@ def run_study(study_id: str, resume: bool = False, progress: bool = False, setti
             )
         else:
             tuner = build_tuner(study_id, spec, settings, progress, tracking.StudyTracker(study_id, mlinfo))
-        tuner.fit()
-        state = "cancelled" if _cancel_requested else "finished"
+        _in_fit = True
+        try:
+            tuner.fit()
+        finally:
+            _in_fit = False
+        state = _final_state(d) if _stop_requested else "finished"
+    except _Stopped:
+        state = _final_state(d)
     except Exception as e:
         log.exception("study %s failed", study_id)
         error = f"{type(e).__name__}: {e}. Resume with: ladder resume {study_id}"
     finally:
         _write_outputs(study_id, spec, settings, mlinfo)
-        update_status(d, state=state, error=error, finished=time.time(), pid=None, running=0)
+        update_status(d, state=state, attempt=attempt, error=error, finished=time.time(), pid=None, running=0)
         tracking.finish_study_run(mlinfo["tracking_uri"], mlinfo["run_id"], state)
     return state
+
+
+class _Stopped(Exception):
+    """A stop signal arrived before Tune started."""
 
 
 def _write_outputs(study_id: str, spec: StudySpec, settings: Settings, mlinfo: dict[str, str]) -> None:
@@ -266,15 +295,17 @@ def _write_outputs(study_id: str, spec: StudySpec, settings: Settings, mlinfo: d
     try:
         from studies.report_html import write_report
 
-        out = settings.study_dir(study_id) / "report"
-        records = read_records(settings.study_dir(study_id) / "trials.jsonl")
+        d = settings.study_dir(study_id)
+        records = read_records(d / RECORDS)
         provenance = {"study_id": study_id, "git_sha": git_sha(), "versions": versions()}
         provenance |= {
             "generator_version": GENERATOR_VERSION,
             "evaluation": spec.evaluation.model_dump() | {"threshold": spec.threshold},
             "fairness": spec.fairness.model_dump() | {"ea_norm_eps": spec.eps},
         }
-        report = write_report(spec, records, out, provenance)
+        with tempfile.TemporaryDirectory(dir=d, prefix=".report-") as tmp:
+            report = write_report(spec, records, Path(tmp) / REPORT, provenance)
+            out = publish_dir(Path(tmp) / REPORT, d / REPORT)  # readers see the old report or the new one
         tracking.log_report(mlinfo["tracking_uri"], mlinfo["run_id"], report, out)
     except ImportError:
         log.info("report module not available; skipping report")
@@ -287,9 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study_id")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--attempt", type=int, default=0, help="which launch of the study this is (0: the first)")
     args = p.parse_args(argv)
-    state = run_study(args.study_id, resume=args.resume, progress=args.progress)
-    return 0 if state in ("finished", "cancelled") else 1
+    state = run_study(args.study_id, resume=args.resume, progress=args.progress, attempt=args.attempt)
+    return {"finished": 0, "cancelled": 0, "interrupted": 0, "duplicate": 3}.get(state, 1)
 
 
 if __name__ == "__main__":

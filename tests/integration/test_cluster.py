@@ -278,7 +278,7 @@ def test_worker_node_lost_mid_study_trials_retry_and_study_finishes(stack: Stack
         victim: dict[str, Any] = {}
 
         def checkpointed_on_doomed_node() -> bool:
-            assert service.get(f"/studies/{sid}")["state"] in ("pending", "running"), stack.diagnostics(sid)
+            assert service.get(f"/studies/{sid}")["state"] in ("launching", "running"), stack.diagnostics(sid)
             p = _trial_on(doomed)
             if p is None:
                 return False

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from studies.records import read_records
 from studies.settings import get_settings
 from studies.spec import StudySpec
+from studies.studydir import prepare_study, read_status
 from tests.integration.helpers import (
     child_runs,
     descendants,
@@ -22,7 +23,6 @@ from tests.integration.helpers import (
     trial_lines,
     wait_for,
 )
-from workers.driver import prepare_study, read_status
 from workers.tasks import GENERATOR_VERSION
 
 pytestmark = pytest.mark.integration

@@ -102,7 +102,7 @@ def _driver_tree(pid: int) -> list[psutil.Process]:
 
 def test_submit_poll_frontier_report_and_csv(server: Server) -> None:
     study = server.submit(_spec("e2e", [[[7, 2]], [[61, 6]]], 300))
-    assert study["state"] in ("pending", "running")
+    assert study["state"] in ("launching", "running")
     done = server.wait_state(study["id"], ("finished", "failed"), 240)
     assert done["state"] == "finished", done
     assert done["progress"] == {"planned": 4, "done": 4, "running": 0, "counts": done["progress"]["counts"]}
@@ -203,8 +203,8 @@ def test_driver_killed_hard_leaves_nothing_of_ours(data_dir: Path) -> None:
     """Guard for the other tests: kill_tree reaps a driver and its local Ray."""
     from studies.settings import get_settings
     from studies.spec import StudySpec
+    from studies.studydir import prepare_study
     from tests.integration.helpers import start_driver
-    from workers.driver import prepare_study
 
     spec = StudySpec.model_validate(_spec("reap", [[[61, 6]]], 3000, 50))
     sid = prepare_study(spec, settings=get_settings())

@@ -20,11 +20,13 @@ import httpx
 import psutil
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import delete, select, update
 
-from service.registry import ACTIVE, Registry, Study
+from service.lifecycle import ACTIVE
+from service.registry import Registry, Slot, Study
 from studies.settings import Settings
 from studies.spec import StudySpec
-from workers.driver import new_study_id, prepare_study
+from studies.studydir import new_study_id, prepare_study, read_driver_pid
 
 SIZE = {"d_model": 16, "n_layers": 1, "n_heads": 2}
 # Two kinds x two rungs = 4 trials of 200 steps: the smallest study that has a frontier to compare.
@@ -102,22 +104,36 @@ def insert_study(
     study_id = new_study_id(parsed)
     prepare_study(parsed, study_id, svc.settings)
     now = time.time() if created is None else created
-    svc.registry.add(
-        Study(
-            id=study_id,
-            name=parsed.name,
-            spec_json=parsed.to_json(),
-            state=state,
-            created=now,
-            updated=now,
-            idempotency_key=None,
-            launcher="local",
-            handle=handle,
-            attempts=0,
-            error=error,
+    with svc.registry.session() as s:
+        s.add(
+            Study(
+                id=study_id,
+                name=parsed.name,
+                spec_json=parsed.to_json(),
+                state=state,
+                created=now,
+                updated=now,
+                idempotency_key=None,
+                launcher="local",
+                handle=handle,
+                attempts=0,
+                error=error,
+                planned=parsed.planned_trials(),
+                cancel_requested=False,
+            )
         )
-    )
+        if state in ACTIVE:  # an active study holds a concurrency slot
+            taken = set(s.scalars(select(Slot.slot)).all())
+            s.add(Slot(slot=min(set(range(len(taken) + 1)) - taken), study_id=study_id))
     return study_id
+
+
+def force_state(registry: Registry, study_id: str, state: str) -> None:
+    """Put a study in ``state`` behind the lifecycle's back (test setup and teardown only)."""
+    with registry.session() as s:
+        s.execute(update(Study).where(Study.id == study_id).values(state=state))
+        if state not in ACTIVE:
+            s.execute(delete(Slot).where(Slot.study_id == study_id))
 
 
 def dead_pid() -> int:
@@ -142,14 +158,14 @@ def wait_state(client: TestClient, study_id: str, done: Any, timeout: float, wha
 
 
 def join_stop_threads(timeout: float = 30) -> None:
-    """Wait for the service's background cancel threads (``Thread-N (stop)``) to finish.
+    """Wait for the service's background cancel threads (``stop-<study id>``) to finish.
 
     The API may report a study cancelled (its driver is dead) while that thread still tears
     down the driver's local Ray and writes the final status.
     """
     end = time.monotonic() + timeout
     for t in threading.enumerate():
-        if t.name.endswith("(stop)"):
+        if t.name.startswith("stop-"):
             t.join(max(0.0, end - time.monotonic()))
             assert not t.is_alive(), f"{t.name} still running after {timeout}s"
 
@@ -165,9 +181,10 @@ def cancel_and_wait(client: TestClient, study_id: str, timeout: float = 60, **kw
 
 
 def handle_pid(svc: Service, study_id: str) -> int:
-    study = svc.registry.get(study_id)
-    assert study is not None and study.handle is not None and study.handle.isdigit(), study
-    return int(study.handle)
+    """The pid of the study's local driver (the launcher writes it as it starts the process)."""
+    pid = read_driver_pid(svc.settings.study_dir(study_id))
+    assert pid is not None, study_id
+    return pid
 
 
 def pid_alive(pid: int) -> bool:
@@ -204,11 +221,11 @@ def stop_leftovers(registry: Registry, settings: Settings, launcher: Any) -> lis
     """
     join_stop_threads()
     leaks: list[str] = []
-    for study in registry.active():
-        if launcher.is_alive(study.id, study.handle):
+    for study in registry.in_states(ACTIVE):
+        if launcher.liveness(study.id, study.handle) != "dead":
             leaks.append(f"study {study.id} left {study.state}")
             launcher.cancel(study.id, study.handle)
-        registry.update(study.id, state="cancelled")
+        force_state(registry, study.id, "cancelled")
     killed = reap(settings.data_dir)
     if killed:
         leaks.append(f"processes left behind: {killed}")

@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.main import create_app
 from studies.settings import Settings
 from tests.service import Service, stop_leftovers
 
@@ -43,7 +43,12 @@ def hermetic_settings(data_dir: Path, registry_url: str, **overrides: Any) -> Se
         "max_body_bytes": 1_000_000,
         "max_trials_per_study": 2000,
         "max_concurrent_studies": 4,
-        "cancel_grace_s": 3.0,  # drivers in these tests have nothing worth a longer grace
+        "cancel_grace_s": 3.0,
+        "allowed_hosts": [
+            "testserver",
+            "localhost",
+            "127.0.0.1",
+        ],  # drivers in these tests have nothing worth a longer grace
     }
     return Settings(**(base | overrides))
 

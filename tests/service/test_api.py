@@ -22,10 +22,13 @@ import psutil
 import pytest
 import yaml
 
-from service.app import EXAMPLE_SPEC, PLOTS
-from service.registry import ACTIVE, Study
+from service.lifecycle import ACTIVE
+from service.registry import Study
+from service.routes.results import PLOTS
+from service.routes.studies import EXAMPLE_SPEC
 from studies.records import TrialRecord
 from studies.spec import StudySpec, json_schema
+from studies.studydir import read_status, update_status
 from tests.service import (
     TINY_SPEC,
     TINY_YAML,
@@ -34,6 +37,7 @@ from tests.service import (
     assert_error,
     cancel_and_wait,
     dead_pid,
+    force_state,
     handle_pid,
     insert_study,
     join_stop_threads,
@@ -43,7 +47,6 @@ from tests.service import (
     wait_state,
 )
 from tests.service.conftest import OpenService, hermetic_settings
-from workers.driver import read_status, update_status
 
 integration = pytest.mark.integration
 TOKEN = "s3cret"
@@ -135,7 +138,7 @@ def check_created(svc: Service, r: httpx.Response, name: str = "t") -> str:
     assert body["links"]["self"] == r.headers["location"]
     assert body["links"]["trials"] == f"{r.headers['location']}/trials"
     assert body["name"] == name
-    assert body["state"] == "pending"
+    assert body["state"] == "launching"
     assert body["launcher"] == "local" and body["attempts"] == 0 and body["error"] is None
     assert body["progress"] == {"planned": 4, "done": 0, "running": 0, "counts": {}}
     row = svc.registry.get(sid)
@@ -184,7 +187,7 @@ def test_idempotency_key_length(svc: Service, key: str) -> None:
 @pytest.mark.parametrize("ctype", ["text/plain", "application/xml", "multipart/form-data; boundary=x"])
 def test_create_unsupported_content_type_is_415(svc: Service, ctype: str) -> None:
     r = svc.client.post("/studies", content=json.dumps(TINY_SPEC), headers={"Content-Type": ctype})
-    assert_error(r, 415, ["header", "Content-Type"], "send JSON or YAML")
+    assert_error(r, 415, ["header", "Content-Type"], "application/json or application/yaml")
     no_studies(svc)
 
 
@@ -304,7 +307,7 @@ def test_more_active_studies_than_the_limit_is_429(open_service: OpenService) ->
         key = {"Idempotency-Key": "first"}
         first = check_created(svc, c.post("/studies", json=TINY_SPEC, headers=key))
         r = c.post("/studies", json=spec_with(name="u"))
-        assert_error(r, 429, [], "1 studies are running", "limit is 1", "LADDER_MAX_CONCURRENT_STUDIES")
+        assert_error(r, 429, [], "1 studies are active", "limit is 1", "LADDER_MAX_CONCURRENT_STUDIES")
         assert svc.registry.page(10, 0)[1] == 1
         # A repeat of an accepted submission is not a new study: it is answered, not refused.
         again = c.post("/studies", json=TINY_SPEC, headers=key)
@@ -410,14 +413,15 @@ def test_running_study_cancel_delete_resume_conflicts(open_service: OpenService)
         c = svc.client
         sid = check_created(svc, c.post("/studies", json=TINY_SPEC))
         pid = handle_pid(svc, sid)
-        body = wait_state(c, sid, lambda b: b["state"] != "pending", 120, "the driver to start")
+        body = wait_state(c, sid, lambda b: b["state"] != "launching", 120, "the driver to start")
         assert body["state"] == "running", body
         assert_error(c.delete(f"/studies/{sid}"), 409, ["path", "study_id"], "study is running", "cancel it first")
         assert_error(c.post(f"/studies/{sid}/resume"), 409, ["path", "study_id"], "study is running")
         assert_error(c.post("/studies", json=spec_with(name="u")), 429, [], "limit is 1")
         r = c.post(f"/studies/{sid}/cancel")
         assert r.status_code == 202 and r.json()["state"] == "cancelling"
-        assert_error(c.post(f"/studies/{sid}/cancel"), 409, ["path", "study_id"], "only a running study")
+        again = c.post(f"/studies/{sid}/cancel")  # a repeated cancel is accepted (and sent again)
+        assert again.status_code == 202 and again.json()["state"] in ("cancelling", "cancelled")
         final = wait_state(c, sid, lambda b: b["state"] not in ACTIVE, 60, "the cancel")
         assert final["state"] == "cancelled"
         assert final["progress"]["running"] == 0
@@ -441,9 +445,9 @@ def test_resume_a_stopped_study_is_202(svc: Service, state: str) -> None:
     r = svc.client.post(f"/studies/{sid}/resume")
     assert r.status_code == 202, r.text
     body = r.json()
-    assert (body["state"], body["attempts"], body["error"]) == ("pending", 1, None)
+    assert (body["state"], body["attempts"], body["error"]) == ("launching", 1, None)
     pid = handle_pid(svc, sid)
-    assert psutil.Process(pid).cmdline()[-3:] == ["workers.driver", sid, "--resume"]
+    assert psutil.Process(pid).cmdline()[-5:] == ["workers.driver", sid, "--attempt", "1", "--resume"]
     assert cancel_and_wait(svc.client, sid)["state"] == "cancelled"
     assert not pid_alive(pid)
 
@@ -452,21 +456,21 @@ def test_resume_a_stopped_study_is_202(svc: Service, state: str) -> None:
 def test_a_resumed_study_stays_active_until_its_driver_reports(svc: Service) -> None:
     c = svc.client
     sid = check_created(svc, c.post("/studies", json=TINY_SPEC))
-    wait_state(c, sid, lambda b: b["state"] != "pending", 120, "the driver to start")
+    wait_state(c, sid, lambda b: b["state"] != "launching", 120, "the driver to start")
     assert cancel_and_wait(c, sid)["state"] == "cancelled"
     assert read_status(svc.settings.study_dir(sid))["state"] == "cancelled"
     r = c.post(f"/studies/{sid}/resume")
-    assert r.status_code == 202 and r.json()["state"] == "pending"
+    assert r.status_code == 202 and r.json()["state"] == "launching"
     resumed = handle_pid(svc, sid)
     try:
         end = time.monotonic() + 3  # the new driver needs longer than this to report "running"
         while time.monotonic() < end:
             body = c.get(f"/studies/{sid}").json()
-            assert body["state"] in ("pending", "running") and body["attempts"] == 1, body
+            assert body["state"] in ("launching", "running") and body["attempts"] == 1, body
             time.sleep(0.25)
         assert pid_alive(resumed)
     finally:
-        if c.get(f"/studies/{sid}").json()["state"] in ("pending", "running"):
+        if c.get(f"/studies/{sid}").json()["state"] in ("launching", "running"):
             cancel_and_wait(c, sid)
         reap(svc.settings.data_dir)  # the resumed driver, if the service lost track of it
 
@@ -500,13 +504,13 @@ def test_concurrent_resumes_launch_one_driver(svc: Service) -> None:
         drivers = [
             p
             for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][-3:] == ["workers.driver", sid, "--resume"]
+            if p.info["cmdline"] and p.info["cmdline"][-5:] == ["workers.driver", sid, "--attempt", "1", "--resume"]
         ]
         assert sorted(codes) == [202, 409, 409]
         assert len(drivers) == 1
     finally:
         reap(svc.settings.data_dir)  # every driver, tracked or not
-        svc.registry.update(sid, state="cancelled")
+        force_state(svc.registry, sid, "cancelled")
 
 
 @integration
@@ -519,7 +523,7 @@ def test_resume_respects_the_concurrency_limit(open_service: OpenService) -> Non
             assert_error(c.post(f"/studies/{stopped}/resume"), 429, [], "limit is 1")
         finally:
             for sid in (running, stopped):
-                if c.get(f"/studies/{sid}").json()["state"] in ("pending", "running"):
+                if c.get(f"/studies/{sid}").json()["state"] in ("launching", "running"):
                     cancel_and_wait(c, sid)
 
 
@@ -595,7 +599,7 @@ def test_a_study_survives_a_service_restart(open_service: OpenService) -> None:
         assert [s["id"] for s in listed["items"]] == [sid]
         body = listed["items"][0]
         assert body["name"] == "t" and body["progress"]["planned"] == 4
-        assert body["state"] in ("pending", "running")  # its driver lives on: not interrupted
+        assert body["state"] in ("launching", "running")  # its driver lives on: not interrupted
         row = second.registry.get(sid)
         assert row is not None and row.spec_json == StudySpec.model_validate(TINY_SPEC).to_json()
         assert c.get(f"/studies/{sid}/frontier").json()["spec"] == json.loads(row.spec_json)
@@ -613,11 +617,11 @@ def test_startup_reconciles_studies_whose_driver_is_gone(open_service: OpenServi
     with open_service() as second:
         # Start-up did it, before any request.
         states = {s: second.registry.get(s).state for s in (gone, cancelling, finished)}  # type: ignore[union-attr]
-        assert states == {gone: "interrupted", cancelling: "cancelled", finished: "finished"}
+        assert states == {gone: "failed", cancelling: "cancelled", finished: "finished"}
         c = second.client
         body = c.get(f"/studies/{gone}").json()
-        assert body["state"] == "interrupted"
-        assert f"POST /studies/{gone}/resume" in body["error"]
+        assert body["state"] == "failed"  # a driver that died without a verdict: the reason, and how to go on
+        assert "exit code unknown" in body["error"] and f"POST /studies/{gone}/resume" in body["error"]
         r = c.post(f"/studies/{gone}/resume")
         assert r.status_code == 202 and r.json()["attempts"] == 1
         assert cancel_and_wait(c, gone)["state"] == "cancelled"
@@ -637,7 +641,7 @@ def real_study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStudy]:
     """The module's one real study (local Ray, MLflow on SQLite), launched through the API."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.main import create_app
 
     root = tmp_path_factory.mktemp("real-study")
     settings = hermetic_settings(root / "data", f"sqlite:///{root / 'registry.db'}")
@@ -663,7 +667,7 @@ def real_finished(real_study: RealStudy) -> RealStudy:
     body = wait_state(
         real_study.svc.client,
         real_study.study_id,
-        lambda b: b["state"] != "pending" and b["state"] not in ACTIVE,
+        lambda b: b["state"] != "launching" and b["state"] not in ACTIVE,
         240,
         "the real study to finish",
     )
@@ -677,7 +681,8 @@ def seed(svc: Service, real: RealStudy) -> str:
     src = real.svc.registry.get(real.study_id)
     assert src is not None
     shutil.copytree(real.svc.settings.study_dir(real.study_id), svc.settings.study_dir(real.study_id))
-    svc.registry.add(Study(**{col: getattr(src, col) for col in Study.__table__.columns.keys()}))  # noqa: SIM118
+    with svc.registry.session() as s:
+        s.add(Study(**{col: getattr(src, col) for col in Study.__table__.columns.keys()}))  # noqa: SIM118
     return real.study_id
 
 

@@ -24,7 +24,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from service.registry import ACTIVE
+from service.lifecycle import ACTIVE
 from studies.records import append_record
 from tests.service import SIZE, Service, insert_study, wait_state
 from tests.service.conftest import OpenService
@@ -45,7 +45,7 @@ def fuzz_service(open_service: OpenService) -> Iterator[Service]:
     # known attention kind, seed, size, point and learning rate to launch, and only the first does.
     with open_service(max_trials_per_study=1, max_concurrent_studies=1) as svc:
         yield svc
-        for study in svc.registry.active():
+        for study in svc.registry.in_states(ACTIVE):
             r = svc.client.post(f"/studies/{study.id}/cancel")
             assert r.status_code in (202, 409), r.text
             wait_state(svc.client, study.id, lambda b: b["state"] not in ACTIVE, 60, "a fuzzed study to stop")
