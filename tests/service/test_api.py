@@ -840,15 +840,19 @@ def test_results_of_a_study_without_trials(svc: Service) -> None:
 
 
 def test_a_trial_record_written_later_refreshes_the_report(svc: Service) -> None:
-    """The HTML report is cached until newer trial records arrive."""
+    """A rendered report is cached (one render per records version) until newer trial records arrive.
+
+    Reads never write into the study directory: that is the driver's.
+    """
     c = svc.client
     sid = insert_study(svc, "cancelled")
     first = c.get(f"/studies/{sid}/report").text
     d = svc.settings.study_dir(sid)
-    html = d / "report" / "report.html"
-    before = html.stat().st_mtime
-    assert c.get(f"/studies/{sid}/report").text == first and html.stat().st_mtime == before  # cached
-    time.sleep(0.05)
+    cache = svc.settings.data_dir / "cache" / "reports" / sid
+    (version,) = list(cache.iterdir())
+    before = (version / "report.html").stat().st_mtime_ns
+    assert c.get(f"/studies/{sid}/report").text == first  # cached: not rendered again
+    assert (version / "report.html").stat().st_mtime_ns == before
     record = {
         "study_id": sid,
         "trial_id": "x1",
@@ -865,7 +869,7 @@ def test_a_trial_record_written_later_refreshes_the_report(svc: Service) -> None
         "steps": 200,
     }
     (d / "trials.jsonl").write_text(json.dumps(record) + "\n")
-    assert html.stat().st_mtime <= (d / "trials.jsonl").stat().st_mtime
-    c.get(f"/studies/{sid}/report")
-    assert html.stat().st_mtime > before
+    assert c.get(f"/studies/{sid}/report").text != first
+    assert [p.name for p in cache.iterdir()] != [version.name] and len(list(cache.iterdir())) == 1
+    assert not (d / "report").exists()
     assert c.get(f"/studies/{sid}/trials").json()["total"] == 1
