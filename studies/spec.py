@@ -25,8 +25,32 @@ SPEC_VERSION = 1
 # libyaml when present: fast, and it caps nesting depth (the pure-Python parser is slow and recursive)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+# Upper bounds on every size a spec can ask for, checked before anything is expanded: a spec of
+# a few bytes must not make the service (or a driver) build millions of points or sizes.
+MAX_N = 100_000  # modulus (vocabulary size)
+MAX_T = 512  # look-back
+MAX_D_MODEL = 8192
+MAX_LAYERS = 128
+MAX_HEADS = 128
+MAX_BATCH = 8192
+MAX_STEPS = 10_000_000  # training steps (and eval interval, warm-up, ASHA grace period)
+MAX_EVAL_SEQUENCES = 1_000_000
+MAX_AXIS = 64  # entries in one axis: sizes, d_model/n_layers/n_heads, ladder rungs, grid N and T, lr values, seeds
+MAX_MEMBERS = 16  # members of one multi-task point
+MAX_SIZES = 256  # model sizes after the product of the axes
+MAX_POINTS = 1024  # task points after the product of grid N and T
+MAX_GRID = 100_000  # sizes x points x lr values: what a search chooses from
+MAX_TRIALS = 100_000  # caps.max_trials and search.n_trials
+
 PosInt = Annotated[int, Field(ge=1)]
-Member = tuple[Annotated[int, Field(ge=2, description="N, the modulus (>= 2)")], PosInt]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+NValue = Annotated[int, Field(ge=2, le=MAX_N, description=f"N, the modulus (2..{MAX_N})")]
+TValue = Annotated[int, Field(ge=1, le=MAX_T, description=f"T, the look-back (1..{MAX_T})")]
+Member = tuple[NValue, TValue]
+
+
+def _axis(**kw: Any) -> Any:
+    return Field(max_length=MAX_AXIS, **kw)
 
 
 def _field_error(loc: tuple[str, ...], value: Any, msg: str) -> ValidationError:
@@ -42,9 +66,9 @@ class _Strict(BaseModel):
 class ModelSize(_Strict):
     """One model size."""
 
-    d_model: PosInt
-    n_layers: PosInt
-    n_heads: PosInt
+    d_model: Annotated[int, Field(ge=1, le=MAX_D_MODEL)]
+    n_layers: Annotated[int, Field(ge=1, le=MAX_LAYERS)]
+    n_heads: Annotated[int, Field(ge=1, le=MAX_HEADS)]
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSize:
@@ -60,10 +84,10 @@ class ModelSize(_Strict):
 class ModelAxes(_Strict):
     """Model sizes as explicit ``sizes`` or as the product of the three axes."""
 
-    sizes: list[ModelSize] | None = None
-    d_model: list[PosInt] | None = None
-    n_layers: list[PosInt] | None = None
-    n_heads: list[PosInt] | None = None
+    sizes: list[ModelSize] | None = _axis(default=None)
+    d_model: list[Annotated[int, Field(ge=1, le=MAX_D_MODEL)]] | None = _axis(default=None)
+    n_layers: list[Annotated[int, Field(ge=1, le=MAX_LAYERS)]] | None = _axis(default=None)
+    n_heads: list[Annotated[int, Field(ge=1, le=MAX_HEADS)]] | None = _axis(default=None)
     monotone_in_size: bool = Field(
         default=False,
         description="a bigger model should not solve less: the report fits P(solved) monotone in size too "
@@ -83,10 +107,18 @@ class ModelAxes(_Strict):
             vals = getattr(self, name)
             if vals is not None and not vals:
                 raise ValueError(f"{name} axis must not be empty")
+        if self.count() > MAX_SIZES:  # counted, not built
+            raise ValueError(f"the axes give {self.count()} model sizes, more than {MAX_SIZES}")
         names = [s.name for s in self.all_sizes()]  # every combination must be valid
         if len(set(names)) != len(names):
             raise ValueError(f"model sizes must be distinct, got {names}")
         return self
+
+    def count(self) -> int:
+        """How many sizes (without building them)."""
+        if self.sizes is not None:
+            return len(self.sizes)
+        return len(self.d_model or []) * len(self.n_layers or []) * len(self.n_heads or [])
 
     def all_sizes(self) -> list[ModelSize]:
         if self.sizes is not None:
@@ -101,13 +133,13 @@ class ModelAxes(_Strict):
 class Grid(_Strict):
     """An N x T grid; a T entry that is a list is a multi-task set of look-backs."""
 
-    N: list[Annotated[int, Field(ge=2)]] = Field(min_length=1)
-    T: list[PosInt | list[PosInt]] = Field(min_length=1)
+    N: list[NValue] = _axis(min_length=1)
+    T: list[TValue | Annotated[list[TValue], Field(max_length=MAX_MEMBERS)]] = _axis(min_length=1)
 
 
 class TaskAxes(_Strict):
     family: Literal["nt"] = "nt"
-    ladder: list[list[Member]] | None = Field(
+    ladder: list[Annotated[list[Member], Field(max_length=MAX_MEMBERS)]] | None = _axis(
         default=None, description="ordered rungs, easiest first; a rung with several [N, T] members is multi-task"
     )
     grid: Grid | None = None
@@ -128,11 +160,19 @@ class TaskAxes(_Strict):
         for t in self.grid.T if self.grid else []:
             if isinstance(t, list) and (not t or len(set(t)) != len(t)):
                 raise ValueError(f"grid.T set {t} must be non-empty with distinct values")
+        if self.count() > MAX_POINTS:  # counted, not built
+            raise ValueError(f"the grid gives {self.count()} task points, more than {MAX_POINTS}")
         points = self.points()
         keys = [frozenset(p.members) for p in points]  # a mixture is a set: member order does not matter
         if len(set(keys)) != len(keys):
             raise ValueError(f"task points must be distinct, got {[p.name for p in points]}")
         return self
+
+    def count(self) -> int:
+        """How many task points (without building them)."""
+        if self.ladder is not None:
+            return len(self.ladder)
+        return len(self.grid.N) * len(self.grid.T) if self.grid else 0
 
     def points(self) -> list[Point]:
         """Every task point with its coordinates (ladder: rung index; grid: axis indices)."""
@@ -168,7 +208,7 @@ class Point(_Strict):
 class FloatParam(_Strict):
     """A float hyper-parameter: fixed ``values`` (grid) or a ``low``..``high`` range (searched)."""
 
-    values: list[Annotated[float, Field(gt=0)]] | None = None
+    values: list[Annotated[float, Field(gt=0)]] | None = _axis(default=None)
     low: Annotated[float, Field(gt=0)] | None = None
     high: Annotated[float, Field(gt=0)] | None = None
     log: bool = True
@@ -204,15 +244,15 @@ class HyperParams(_Strict):
 
 
 class Training(_Strict):
-    max_steps: PosInt = 1000
-    batch_size: PosInt = 64
-    eval_interval: PosInt = 100
-    eval_sequences: PosInt | None = Field(
+    max_steps: Steps = 1000
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 64
+    eval_interval: Steps = 100
+    eval_sequences: Annotated[int, Field(ge=1, le=MAX_EVAL_SEQUENCES)] | None = Field(
         default=None,
         description="at least this many eval sequences per member in each of sets A and B; by default (and "
         "at least) as many as the threshold's resolution needs (docs/evaluation.md)",
     )
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 50
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     context_length: Annotated[int, Field(ge=2, le=4096)] = 16
@@ -279,7 +319,9 @@ class Fairness(_Strict):
 
 class Search(_Strict):
     method: Literal["grid", "optuna", "frontier"] = "grid"
-    n_trials: PosInt | None = Field(default=None, description="optuna: configurations sampled (each run per kind)")
+    n_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = Field(
+        default=None, description="optuna: configurations sampled (each run per kind)"
+    )
     sampler_seed: int = 0
     objective: Literal["frontier", "margin"] = Field(
         default="frontier",
@@ -296,7 +338,7 @@ class Search(_Strict):
 
 class EarlyStopping(_Strict):
     asha: bool = False
-    grace_period: PosInt = 200
+    grace_period: Steps = 200
     reduction_factor: Annotated[float, Field(gt=1)] = 3.0
 
 
@@ -306,7 +348,7 @@ class Resources(_Strict):
 
 
 class Caps(_Strict):
-    max_trials: PosInt = 500
+    max_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 500
     max_cpu_hours: Annotated[float, Field(gt=0)] | None = None
 
 
@@ -316,19 +358,19 @@ class StudySpec(_Strict):
     spec_version: Literal[1] = 1
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = Field(default="", max_length=2000)
-    attention: list[str] = Field(default_factory=lambda: ["dpa", "ea"], min_length=1)
+    attention: list[str] = _axis(default_factory=lambda: ["dpa", "ea"], min_length=1)
     eps: Annotated[float, Field(gt=0, lt=1)] = Field(default=1e-6, description="ea_norm's eps")
     task: TaskAxes
     model: ModelAxes
     training: Training = Training()
     hparams: HyperParams = HyperParams()
-    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = _axis(default_factory=lambda: [0], min_length=1)
     search: Search = Search()
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.99
     evaluation: Evaluation = Evaluation()
     fairness: Fairness = Fairness()
     resources: Resources = Resources()
-    max_concurrent: PosInt = 2
+    max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 2
     early_stopping: EarlyStopping = EarlyStopping()
     caps: Caps = Caps()
 
@@ -351,6 +393,22 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
+        grid = self.model.count() * self.task.count() * len(self.hparams.lr.grid_values())
+        if grid > MAX_GRID:  # what grid search runs and what optuna and frontier search choose from
+            raise _field_error(
+                ("task",),
+                self.task.count(),
+                f"{self.model.count()} sizes x {self.task.count()} task points x "
+                f"{len(self.hparams.lr.grid_values())} lr values = {grid} configurations, more than {MAX_GRID}",
+            )
+        n = self.planned_trials()
+        if n > self.caps.max_trials:
+            raise _field_error(
+                ("caps", "max_trials"),
+                self.caps.max_trials,
+                f"the study plans {n} trials, more than caps.max_trials={self.caps.max_trials}; "
+                "shrink the axes or raise the cap",
+            )
         ctx = self.training.context_length
         for p in self.task.points():
             need = p.mix(self.task.identify_margin).score_start + self.task.context_margin
@@ -363,14 +421,6 @@ class StudySpec(_Strict):
                 )
         self._check_evaluation()
         self._check_fairness()
-        n = self.planned_trials()
-        if n > self.caps.max_trials:
-            raise _field_error(
-                ("caps", "max_trials"),
-                self.caps.max_trials,
-                f"the study plans {n} trials, more than caps.max_trials={self.caps.max_trials}; "
-                "shrink the axes or raise the cap",
-            )
         if self.early_stopping.asha:
             self._check_asha()
         if self.early_stopping.asha and self.early_stopping.grace_period > self.training.max_steps:
@@ -445,7 +495,7 @@ class StudySpec(_Strict):
         per_kind = len(self.seeds) * (
             self.search.n_trials
             if self.search.method == "optuna" and self.search.n_trials
-            else len(self.model.all_sizes()) * len(self.task.points()) * len(self.hparams.lr.grid_values())
+            else self.model.count() * self.task.count() * len(self.hparams.lr.grid_values())
         )
         return per_kind * len(self.attention)
 

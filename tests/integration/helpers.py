@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 
@@ -66,3 +68,50 @@ def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> lis
 
     runs = MlflowClient(tracking_uri).search_runs([experiment_id], max_results=1000)
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+
+
+class Server:
+    """`ladder serve` in its own process; stopped by PID."""
+
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = driver_env(data_dir, **env)
+        self.log = data_dir / "service.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "studies.cli", "serve", "--port", str(self.port)]
+        self.proc = subprocess.Popen(args, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_for(self._ready, 180, "the service to be ready")  # a loaded 2-core box starts slowly
+
+    def _ready(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def study(self, study_id: str) -> dict[str, Any]:
+        r = httpx.get(f"{self.url}/studies/{study_id}", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{self.url}/studies", json=spec, timeout=60)
+        assert r.status_code == 201, r.text
+        assert r.headers["location"].endswith(f"/studies/{r.json()['id']}")
+        return r.json()
+
+    def wait_state(self, study_id: str, states: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        wait_for(lambda: self.study(study_id)["state"] in states, timeout, f"study {study_id} in {states}", 1.0)
+        return self.study(study_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.helpers import child_runs, driver_env, kill_tree, wait_for
+from tests.integration.helpers import Server, child_runs, driver_env, kill_tree, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,53 +30,6 @@ def _spec(name: str, rungs: list, max_steps: int, eval_interval: int = 100) -> d
         "model": {"sizes": [SIZE]},
         "training": {"max_steps": max_steps, "eval_interval": eval_interval, "eval_sequences": 128},
     }
-
-
-class Server:
-    """`ladder serve` in its own process; stopped by PID."""
-
-    def __init__(self, data_dir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = driver_env(data_dir)
-        self.log = data_dir / "service.log"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "studies.cli", "serve", "--port", str(self.port)]
-        self.proc = subprocess.Popen(args, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        wait_for(self._ready, 60, "the service to be ready")
-
-    def _ready(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.proc = None
-
-    def study(self, study_id: str) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/studies/{study_id}", timeout=30)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        r = httpx.post(f"{self.url}/studies", json=spec, timeout=60)
-        assert r.status_code == 201, r.text
-        assert r.headers["location"].endswith(f"/studies/{r.json()['id']}")
-        return r.json()
-
-    def wait_state(self, study_id: str, states: tuple[str, ...], timeout: float) -> dict[str, Any]:
-        wait_for(lambda: self.study(study_id)["state"] in states, timeout, f"study {study_id} in {states}", 1.0)
-        return self.study(study_id)
 
 
 @pytest.fixture

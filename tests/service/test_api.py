@@ -120,6 +120,50 @@ def test_openapi_publishes_spec_component_examples_and_error_shape(svc: Service)
         assert all("404" in op["responses"] for op in ops.values()), path
 
 
+def test_openapi_declares_the_bearer_scheme(svc: Service) -> None:
+    doc = svc.client.get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes == {
+        "HTTPBearer": {"type": "http", "scheme": "bearer", "description": schemes["HTTPBearer"]["description"]}
+    }
+    for path, method in [("/studies", "post"), ("/studies/{study_id}/cancel", "post"), ("/studies/{study_id}", "get")]:
+        assert doc["paths"][path][method]["security"] == [{"HTTPBearer": []}], (path, method)
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io", "[::2]:80"])
+def test_a_host_not_allowed_is_400(svc: Service, host: str) -> None:
+    """DNS rebinding: a page on another name that resolves to loopback is refused, on every path."""
+    for method, path in [("GET", "/healthz"), ("GET", "/studies"), ("POST", "/studies")]:
+        r = svc.client.request(method, path, headers={"Host": host}, json=TINY_SPEC)
+        assert_error(r, 400, ["header", "Host"], "LADDER_ALLOWED_HOSTS")
+    no_studies(svc)
+
+
+def test_allowed_hosts_default_to_localhost_names_without_a_token(open_service: OpenService) -> None:
+    with open_service(allowed_hosts=[]) as svc:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+            assert svc.client.get("/healthz", headers={"Host": host}).status_code == 200, host
+        assert_error(svc.client.get("/healthz", headers={"Host": "ladder.example"}), 400, ["header", "Host"])
+    with open_service(allowed_hosts=[], api_token=TOKEN) as svc:  # with a token: any name (it may sit behind a proxy)
+        assert svc.client.get("/healthz", headers={"Host": "ladder.example"}).status_code == 200
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "192.168.0.7"])
+def test_requests_off_loopback_without_a_token_are_403(open_service: OpenService, address: str) -> None:
+    """However the app is served (``uvicorn --factory``), it answers off loopback only with a token."""
+    import asyncio
+
+    with open_service(allowed_hosts=["*"]) as svc:
+
+        async def get() -> httpx.Response:
+            transport = httpx.ASGITransport(app=svc.app)
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{address}:8000") as client:
+                return await client.get("/studies")
+
+        assert_error(asyncio.run(get()), 403, [], "LADDER_API_TOKEN")
+
+
 def test_report_errors_are_documented_as_json(svc: Service) -> None:
     responses = svc.client.get("/openapi.json").json()["paths"]["/studies/{study_id}/report"]["get"]["responses"]
     assert "text/html" in responses["200"]["content"]
@@ -184,9 +228,14 @@ def test_idempotency_key_length(svc: Service, key: str) -> None:
     no_studies(svc)
 
 
-@pytest.mark.parametrize("ctype", ["text/plain", "application/xml", "multipart/form-data; boundary=x"])
-def test_create_unsupported_content_type_is_415(svc: Service, ctype: str) -> None:
-    r = svc.client.post("/studies", content=json.dumps(TINY_SPEC), headers={"Content-Type": ctype})
+@pytest.mark.parametrize(
+    "ctype",
+    ["text/plain", "application/xml", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", None],
+)
+def test_create_unsupported_content_type_is_415(svc: Service, ctype: str | None) -> None:
+    """Only JSON or YAML: a browser's simple cross-site POST (no preflight) cannot submit a study."""
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = svc.client.post("/studies", content=json.dumps(TINY_SPEC), headers=headers)
     assert_error(r, 415, ["header", "Content-Type"], "application/json or application/yaml")
     no_studies(svc)
 

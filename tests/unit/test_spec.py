@@ -724,3 +724,56 @@ def test_asha_across_kinds_sizes_or_points_is_refused(change, found):
 def test_asha_within_one_cell_is_accepted():
     spec = make(attention=["dpa"], task={"ladder": [[[7, 2]]]}, hparams=lr(values=[1e-3, 3e-3]), seeds=[0, 1])
     StudySpec.model_validate(spec | {"early_stopping": {"asha": True, "grace_period": 100}})
+
+
+# --- upper bounds: checked before anything is expanded -------------------------------------
+
+BIG_GRID = grid(list(range(2, 3002)), list(range(1, 3001)))
+
+
+@pytest.mark.parametrize(
+    ("data", "loc", "fragment"),
+    [
+        (make(task={"ladder": [[[10**12, 2]]]}), ("task", "ladder", 0, 0, 0), "less than or equal to 100000"),
+        (make(task={"ladder": [[[7, 10**6]]]}), ("task", "ladder", 0, 0, 1), "less than or equal to 512"),
+        (make(task={"ladder": [[[n, 1]] for n in range(2, 70)]}), ("task", "ladder"), "at most 64 items"),
+        (make(task={"ladder": [[[7, t] for t in range(1, 18)]]}), ("task", "ladder", 0), "at most 16 items"),
+        (make(task=BIG_GRID, search={"method": "optuna", "n_trials": 10}), ("task", "grid", "T"), "at most 64"),
+        (make(task=grid(list(range(2, 66)), list(range(1, 33)))), ("task",), "2048 task points, more than 1024"),
+        (make(model={"sizes": [SIZE | {"d_model": 2**20}]}), ("model", "sizes", 0, "d_model"), "8192"),
+        (make(model={"sizes": [SIZE | {"n_layers": 10**4}]}), ("model", "sizes", 0, "n_layers"), "128"),
+        (make(model={"sizes": [SIZE | {"n_heads": 10**4}]}), ("model", "sizes", 0, "n_heads"), "128"),
+        (
+            make(model={"d_model": list(range(8, 72)), "n_layers": list(range(1, 60)), "n_heads": [1]}),
+            ("model",),
+            "3776 model sizes, more than 256",
+        ),
+        (make(training={"batch_size": 10**9}), ("training", "batch_size"), "8192"),
+        (make(training={"max_steps": 10**12}), ("training", "max_steps"), "10000000"),
+        (make(training={"context_length": 10**6}), ("training", "context_length"), "4096"),
+        (make(training={"eval_sequences": 10**9}), ("training", "eval_sequences"), "1000000"),
+        (make(seeds=list(range(100))), ("seeds",), "at most 64"),
+        (make(search={"method": "optuna", "n_trials": 10**9}), ("search", "n_trials"), "100000"),
+        (make(caps={"max_trials": 10**9}), ("caps", "max_trials"), "100000"),
+    ],
+    ids=lambda v: None,
+)
+def test_sizes_have_upper_bounds(data: dict[str, Any], loc: tuple[str | int, ...], fragment: str) -> None:
+    rejected(data, loc, fragment)
+
+
+def test_a_huge_grid_is_refused_in_milliseconds() -> None:
+    """The optuna trial cap ignores the grid, so the grid has its own bound, counted without building it."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValidationError):
+        StudySpec.model_validate(make(task=BIG_GRID, search={"method": "optuna", "n_trials": 10}))
+    wide = make(
+        task=grid(list(range(2, 34)), list(range(1, 33))),
+        model={"d_model": list(range(8, 72, 4)), "n_layers": [1, 2, 3, 4], "n_heads": [1, 2]},
+        hparams={"lr": {"values": [1e-3 * (i + 1) for i in range(64)]}},
+        search={"method": "optuna", "n_trials": 10},
+    )
+    rejected(wide, ("task",), "configurations, more than 100000")
+    assert time.perf_counter() - start < 2.0
