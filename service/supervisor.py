@@ -8,9 +8,11 @@ service processes may watch the same registry). Cancels are sent from here too, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from service import lifecycle
 from service.launcher import Launcher, Liveness
@@ -40,6 +42,7 @@ class Supervisor:
     def __init__(self, registry: Registry, launcher: Launcher, settings: Settings) -> None:
         self.registry, self.launcher, self.settings = registry, launcher, settings
         self._stopping: set[str] = set()  # studies with a cancel in flight from this process
+        self._launching: set[str] = set()  # studies this process is launching right now
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -75,6 +78,18 @@ class Supervisor:
         for t in list(self._threads):
             t.join(max(0.0, end - time.monotonic()))
 
+    # -- launch -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def launching(self, study_id: str) -> Iterator[None]:
+        """While a request launches the study's driver, no reconcile judges it by its (missing) process."""
+        with self._lock:
+            self._launching.add(study_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._launching.discard(study_id)
+
     # -- reconcile ------------------------------------------------------------------------
     def reconcile_all(self) -> None:
         for study in self.registry.in_states(ACTIVE):
@@ -85,7 +100,7 @@ class Supervisor:
 
     def reconcile(self, study: Study) -> Study:
         """Fold the driver's report or death into the study's state; returns the study as it now is."""
-        if study.state not in ACTIVE:
+        if study.state not in ACTIVE or study.id in self._launching:
             return study
         live = self.launcher.liveness(study.id, study.handle)
         if live is Liveness.UNKNOWN:  # no verdict from an error: ask again next time
@@ -112,7 +127,7 @@ class Supervisor:
                 return lifecycle.transition(self.registry, study.id, "cancelled", Actor.RECONCILER)
             if study.state == "launching" and time.time() - study.updated < LAUNCH_GRACE_S:
                 return study  # the launch may still be on its way
-            if study.state == "launching" and not mine and study.error is None:
+            if study.state == "launching" and reported in (None, "pending") and study.error is None:
                 # The service died before the driver started: launch it again, once, from the handle.
                 study = lifecycle.transition(
                     self.registry, study.id, "relaunch", Actor.RECONCILER, error="relaunched after a lost launch"

@@ -34,6 +34,7 @@ from service.launcher import Launcher, Liveness
 from service.lifecycle import STATES, Actor, AtCapacity, KeyTaken, WrongState
 from service.registry import Registry, Study
 from service.schemas import ERRORS, LAUNCH_ERRORS, StudiesPublic, StudyPublic
+from service.supervisor import Supervisor
 from service.views import study_public
 from studies.settings import Settings
 from studies.spec import StudySpec, json_schema
@@ -95,12 +96,21 @@ def parse_spec(body: bytes, ctype: str) -> StudySpec:
         raise HTTPException(422, detail=items) from None
 
 
-def _launch(registry: Registry, launcher: Launcher, settings: Settings, study: Study, resume: bool) -> Study:
-    try:
-        from studies.stores import init_stores
+def _init_stores(settings: Settings) -> None:
+    """Before any driver: drivers must not race on a fresh store's schema (once per store, under a file lock)."""
+    from studies.stores import init_stores
 
-        init_stores(settings)  # before the driver: drivers must not race on a fresh store's schema
-        launcher.launch(study.id, study.handle or "", resume, study.attempts)
+    try:
+        init_stores(settings)
+    except Exception as e:
+        log.exception("initialising the stores failed")
+        raise api_error(503, [], f"could not initialise the MLflow/Optuna stores: {e}", "stores") from None
+
+
+def _launch(registry: Registry, supervisor: Supervisor, study: Study, resume: bool) -> Study:
+    try:
+        with supervisor.launching(study.id):
+            supervisor.launcher.launch(study.id, study.handle or "", resume, study.attempts)
     except Exception as e:
         log.exception("launch of %s failed", study.id)
         lifecycle.transition(registry, study.id, "fail", Actor.API, error=f"launch failed: {e}")
@@ -109,8 +119,9 @@ def _launch(registry: Registry, launcher: Launcher, settings: Settings, study: S
 
 
 def _create(
-    body: bytes, ctype: str, key: str | None, registry: Registry, launcher: Launcher, settings: Settings
+    body: bytes, ctype: str, key: str | None, registry: Registry, supervisor: Supervisor, settings: Settings
 ) -> tuple[int, Study]:
+    launcher = supervisor.launcher
     spec = parse_spec(body, ctype)
     planned = spec.planned_trials()
     if planned > settings.max_trials_per_study:
@@ -130,6 +141,7 @@ def _create(
 
     if key is not None and (existing := registry.by_idempotency_key(key)) is not None:
         return replay(existing)
+    _init_stores(settings)
     study_id = new_study_id(spec)
     prepare_study(spec, study_id, settings)
     now = time.time()
@@ -154,7 +166,7 @@ def _create(
     except AtCapacity as e:
         shutil.rmtree(settings.study_dir(study_id), ignore_errors=True)
         raise _capacity_error(e) from None
-    return 201, _launch(registry, launcher, settings, study, resume=False)
+    return 201, _launch(registry, supervisor, study, resume=False)
 
 
 @router.get("/schema/study")
@@ -192,7 +204,7 @@ async def create_study(
     response: Response,
     _: Writer,
     registry: RegistryDep,
-    launcher: LauncherDep,
+    supervisor: SupervisorDep,
     settings: SettingsDep,
 ) -> StudyPublic:
     """Submit a study (JSON or YAML spec, by Content-Type); it starts at once."""
@@ -208,7 +220,7 @@ async def create_study(
     if key is not None and not (0 < len(key) <= 200):
         raise api_error(422, ["header", "Idempotency-Key"], "must be 1 to 200 characters", "value_error")
     body = await request.body()  # bounded by the body-limit middleware
-    status, study = await run_in_threadpool(_create, body, ctype, key, registry, launcher, settings)
+    status, study = await run_in_threadpool(_create, body, ctype, key, registry, supervisor, settings)
     response.status_code = status
     base = _base(request, study.id)
     if status == 201:
@@ -285,13 +297,15 @@ def resume_study(
     _: Writer,
     study: StudyDep,
     registry: RegistryDep,
-    launcher: LauncherDep,
+    supervisor: SupervisorDep,
     settings: SettingsDep,
 ) -> StudyPublic:
     """Resume an interrupted, failed or cancelled study where it stopped; finished trials are not rerun."""
     if study.state not in lifecycle.RESUMABLE:
         raise _conflict(WrongState(study, "resume"), "only interrupted, failed or cancelled studies can be resumed")
+    launcher = supervisor.launcher
     _no_live_driver(launcher, study, "resume")
+    _init_stores(settings)
     attempt = study.attempts + 1
     try:
         study = lifecycle.transition(
@@ -310,7 +324,7 @@ def resume_study(
     except AtCapacity as e:
         raise _capacity_error(e) from None
     update_status(settings.study_dir(study.id), cancel_requested=False)
-    study = _launch(registry, launcher, settings, study, resume=True)
+    study = _launch(registry, supervisor, study, resume=True)
     return study_public(study, _base(request, study.id), settings)
 
 

@@ -122,8 +122,8 @@ def test_restart_keeps_studies_and_interrupted_study_resumes(server: Server, dat
     server.start()
     listed = httpx.get(f"{server.url}/studies", timeout=30).json()
     assert [s["id"] for s in listed["items"]] == [sid]
-    assert listed["items"][0]["state"] == "interrupted"
-    assert "resume" in listed["items"][0]["error"]
+    assert listed["items"][0]["state"] == "failed"  # its driver died without a verdict: failed, with the reason
+    assert "without reporting a result" in listed["items"][0]["error"] and "resume" in listed["items"][0]["error"]
 
     r = httpx.post(f"{server.url}/studies/{sid}/resume", timeout=30)
     assert r.status_code == 202, r.text
