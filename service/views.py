@@ -46,8 +46,13 @@ def study_public(study: Study, base: str, settings: Settings) -> StudyPublic:
         trials=f"{base}/trials",
         frontier=f"{base}/frontier",
         report=f"{base}/report",
-        mlflow_experiment=f"{ui}/#/experiments/{ml['experiment_id']}" if ui and ml else None,
-        mlflow_run=f"{ui}/#/experiments/{ml['experiment_id']}/runs/{ml['run_id']}" if ui and ml else None,
+        # workflowType: MLflow 3.17 shows an experiment as model training (runs), not GenAI
+        mlflow_experiment=f"{ui}/#/experiments/{ml['experiment_id']}/runs?workflowType=machine_learning"
+        if ui and ml
+        else None,
+        mlflow_run=f"{ui}/#/experiments/{ml['experiment_id']}/runs/{ml['run_id']}?workflowType=machine_learning"
+        if ui and ml
+        else None,
         ray_job=(
             f"{settings.ray_dashboard_url.rstrip('/')}/#/jobs/{study.handle}"
             if settings.ray_dashboard_url and study.launcher == "ray_job"

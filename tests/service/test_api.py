@@ -760,8 +760,9 @@ def test_finished_study_links_and_conflicts(open_service: OpenService, real_fini
         sid = seed(svc, real_finished)
         body = c.get(f"/studies/{sid}").json()
         ml = body["mlflow"]
-        assert body["links"]["mlflow_experiment"] == f"http://mlflow.local:5000/#/experiments/{ml['experiment_id']}"
-        assert body["links"]["mlflow_run"] == body["links"]["mlflow_experiment"] + f"/runs/{ml['run_id']}"
+        exp = f"http://mlflow.local:5000/#/experiments/{ml['experiment_id']}"
+        assert body["links"]["mlflow_experiment"] == f"{exp}/runs?workflowType=machine_learning"
+        assert body["links"]["mlflow_run"] == f"{exp}/runs/{ml['run_id']}?workflowType=machine_learning"
         assert_error(c.post(f"/studies/{sid}/cancel"), 409, ["path", "study_id"], "study is finished")
         assert_error(c.post(f"/studies/{sid}/resume"), 409, ["path", "study_id"], "study is finished")
         assert c.delete(f"/studies/{sid}").status_code == 204
