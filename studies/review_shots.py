@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 
 from studies.render_png import INSTALL_HINT, find_chromium
-from studies.status import read_status
+from studies.studydir import read_status
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Review:
     experiment_kind: str | None
     artifact_location: str
     parent_run_id: str
+    parent_run_name: str
     runs_per_kind: dict[str, int]
     pairs: dict[str, list[str]]  # pair tag -> kinds of its runs
     solved_per_kind: dict[str, int]
@@ -73,6 +75,7 @@ def review_queries(tracking_uri: str, study_id: str) -> Review:
         experiment_kind=exp.tags.get("mlflow.experimentKind"),
         artifact_location=exp.artifact_location,
         parent_run_id=parent.info.run_id,
+        parent_run_name=parent.info.run_name,
         runs_per_kind=dict(runs_per_kind),
         pairs={k: sorted(v) for k, v in pairs.items()},
         solved_per_kind=dict(Counter(r.data.tags["kind"] for r in solved)),
@@ -135,9 +138,12 @@ def mlflow_ui(tracking_uri: str, timeout_s: float = 300) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)  # the server and its uvicorn workers: only what we started
-        proc.wait(timeout=30)
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):  # the server and its workers, no more
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait_s)
+                break
 
 
 # --- the screenshots ------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def experiment_url(url: str, experiment_id: str) -> str:
 
 def _runs_view(page: Any, url: str, review: Review, group_by: str) -> None:
     page.goto(experiment_url(url, review.experiment_id))
-    page.get_by_text("matching runs").first.wait_for()
+    page.get_by_text(review.parent_run_name, exact=True).first.wait_for()  # the runs have loaded
     page.get_by_role("button", name="Columns").click()
     menu = page.locator("[role=dialog], [role=menu], [role=listbox]").last
     for name in (*COLUMNS, "kind", "status"):  # Dataset and Models off, the rest on
