@@ -923,3 +923,17 @@ def test_a_trial_record_written_later_refreshes_the_report(svc: Service) -> None
     assert [p.name for p in cache.iterdir()] != [version.name] and len(list(cache.iterdir())) == 1
     assert not (d / "report").exists()
     assert c.get(f"/studies/{sid}/trials").json()["total"] == 1
+
+
+def test_results_survive_a_torn_last_record(svc: Service) -> None:
+    """A driver killed mid-write leaves half a line: every results endpoint still answers (not a 500)."""
+    c = svc.client
+    sid = insert_study(svc, "failed")
+    rec = {"study_id": sid, "trial_id": "t0", "kind": "dpa", "d_model": 16, "n_layers": 1, "n_heads": 2}
+    rec |= {"point": "N7_T2", "coords": [0], "seed": 0, "lr": 0.003, "status": "solved", "steps": 200}
+    path = svc.settings.study_dir(sid) / "trials.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + '{"study_id": "' + sid + '", "trial_id": "t1", "ki')
+    assert c.get(f"/studies/{sid}/trials").json()["total"] == 1
+    assert c.get(f"/studies/{sid}/frontier").status_code == 200
+    assert c.get(f"/studies/{sid}/report").status_code == 200
+    assert c.get(f"/studies/{sid}").status_code == 200
