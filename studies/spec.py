@@ -352,6 +352,19 @@ class Caps(_Strict):
     max_cpu_hours: Annotated[float, Field(gt=0)] | None = None
 
 
+class Execution(_Strict):
+    """How trials run: packed (many trials of one shape as one vectorised model per worker) or one per worker."""
+
+    pack: Literal["auto", "off"] | PosInt = Field(
+        default="auto",
+        description="auto: pack grid trials of one kind and model size (at most 32 a pack, and at least "
+        "max_concurrent packs); off: one trial per worker; a number: at most that many trials a pack",
+    )
+    checkpoint_every: PosInt = Field(
+        default=1, description="packs: checkpoint every this many evaluations (and whenever a member finishes)"
+    )
+
+
 class StudySpec(_Strict):
     """A Ladder study: DPA vs EA (or any kinds) across model sizes and task complexity."""
 
@@ -373,6 +386,7 @@ class StudySpec(_Strict):
     max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 2
     early_stopping: EarlyStopping = EarlyStopping()
     caps: Caps = Caps()
+    execution: Execution = Execution()
 
     @field_validator("attention")
     @classmethod
@@ -423,6 +437,21 @@ class StudySpec(_Strict):
         self._check_fairness()
         if self.early_stopping.asha:
             self._check_asha()
+        if isinstance(self.execution.pack, int) and self.execution.pack > 1:
+            if self.early_stopping.asha:
+                raise _field_error(
+                    ("execution", "pack"),
+                    self.execution.pack,
+                    "execution.pack cannot pack trials that early_stopping.asha cuts one by one; "
+                    "use pack: off (or auto, which runs ASHA studies unpacked)",
+                )
+            if self.search.method != "grid":
+                raise _field_error(
+                    ("execution", "pack"),
+                    self.execution.pack,
+                    f"execution.pack packs grid studies only (search.method={self.search.method!r}); "
+                    "use pack: off (or auto, which runs it unpacked)",
+                )
         if self.early_stopping.asha and self.early_stopping.grace_period > self.training.max_steps:
             raise _field_error(
                 ("early_stopping", "grace_period"),

@@ -17,6 +17,7 @@ from studies.records import OUTCOMES, TrialRecord, append_record, read_records
 from studies.settings import Settings
 from studies.spec import StudySpec
 from studies.studydir import RECORDS, update_status
+from workers.packing import cells_of, is_pack, member_results
 from workers.tracking import StudyTracker
 from workers.trial import TrialConfig
 
@@ -107,36 +108,63 @@ class StudyCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_bar": None}
 
-    def _run(self, trial: Trial) -> str:
-        return self.tracker.trial_run(trial.trial_id, trial.config["cell"], asdict(trial_config(trial.config)))
+    def _run(self, trial_id: str, cell: dict[str, Any], fixed: dict[str, Any]) -> str:
+        return self.tracker.trial_run(trial_id, cell, asdict(trial_config({"cell": cell, "fixed": fixed})))
 
-    # Tune hooks ---------------------------------------------------------------------
+    # Tune hooks: a Tune trial stands for one trial, or for every member of its pack -------------
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._run(trial)
+        for tid, cell in cells_of(trial.trial_id, trial.config):
+            self._run(tid, cell, trial.config["fixed"])
         self._refresh(trials)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
-        if not result.get("final"):
-            self.tracker.log_progress(self._run(trial), result)
+        fixed = trial.config["fixed"]
+        recorded = self._records_by_id() if is_pack(trial.config) else set()
+        for tid, cell, what, values in member_results(trial.trial_id, trial.config, result):
+            if what == "progress":
+                self.tracker.log_progress(self._run(tid, cell, fixed), values)
+            elif is_pack(trial.config) and tid not in recorded:  # a solo trial is recorded on completion
+                self._finish(tid, cell, fixed, values.get("status", "failed"), values, values.get("error"))
         self._refresh(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
         status = result.get("status", "failed") if result.get("final") else "stopped"
-        self._finish(trial, status, result, result.get("error"))
+        self._finish_unrecorded(trial, status, result, result.get("error"))
         self._refresh(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         error = str(getattr(trial, "error_msg", "") or "")[:2000]
-        self._finish(trial, classify_error(trial), trial.last_result or {}, error)
+        self._finish_unrecorded(trial, classify_error(trial), trial.last_result or {}, error)
         self._refresh(trials)
 
-    def _finish(self, trial: Trial, status: str, result: dict[str, Any], error: str | None) -> None:
-        cell = trial.config["cell"]
+    def _records_by_id(self) -> set[str]:
+        return {r.trial_id for r in read_records(self.study_dir / RECORDS)}
+
+    def _finish_unrecorded(self, trial: Trial, status: str, result: dict[str, Any], error: str | None) -> None:
+        """Record every trial ``trial`` stands for that has no record yet (a pack's members: once each).
+
+        A pack's members without a record (the pack was stopped or failed) get ``status`` and no metrics.
+        """
+        pack = is_pack(trial.config)
+        recorded = self._records_by_id() if pack else set()
+        for tid, cell in cells_of(trial.trial_id, trial.config):
+            if tid not in recorded:
+                self._finish(tid, cell, trial.config["fixed"], status, {} if pack else result, error)
+
+    def _finish(
+        self,
+        trial_id: str,
+        cell: dict[str, Any],
+        fixed: dict[str, Any],
+        status: str,
+        result: dict[str, Any],
+        error: str | None,
+    ) -> None:
         acc = {k[4:]: v for k, v in result.items() if k.startswith("acc_")}
         rec = TrialRecord(
             study_id=self.study_id,
-            trial_id=trial.trial_id,
+            trial_id=trial_id,
             kind=cell["kind"],
             **cell["size"],
             n_params=result.get("n_params"),
@@ -154,7 +182,7 @@ class StudyCallback(Callback):
             eval_exhaustive=result.get("eval_exhaustive"),
             search_acc=result.get("search_acc"),
             eval_tokens=None if result.get("eval_tokens") is None else int(result["eval_tokens"]),
-            config=asdict(trial_config(trial.config)),
+            config=asdict(trial_config({"cell": cell, "fixed": fixed})),
             steps=int(result.get("steps", result.get("step", 0)) or 0),
             steps_to_solve=result.get("steps_to_solve"),
             wall_s=float(result.get("wall_s", 0.0) or 0.0),
@@ -162,7 +190,7 @@ class StudyCallback(Callback):
             gpu_s=float(result.get("gpu_s", 0.0) or 0.0),
             gpu_share=float(result.get("gpu_share", self.spec.resources.gpu)),
             node_id=result.get("node_id"),
-            mlflow_run_id=self._run(trial),
+            mlflow_run_id=self._run(trial_id, cell, fixed),
             error=error,
         )
         if not self._recorded(rec):  # a trial rerun after a resume is recorded (and counted) once

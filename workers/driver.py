@@ -39,6 +39,7 @@ from studies.studydir import (
 )
 from workers import tracking
 from workers.callbacks import StudyCallback, fixed_config, trial_config
+from workers.packing import max_members, plan_packs, train_pack
 from workers.provenance import git_sha, versions
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, make_cell
 from workers.tasks import GENERATOR_VERSION
@@ -128,7 +129,12 @@ def build_tuner(
             for seed in spec.seeds
             for kind in spec.attention
         ]
-        param_space["cell"] = tune.grid_search(cells)
+        limit = max_members(spec)
+        if limit > 1:
+            param_space["pack"] = tune.grid_search(plan_packs(cells, limit, spec.max_concurrent))
+            param_space["checkpoint_every"] = spec.execution.checkpoint_every
+        else:
+            param_space["cell"] = tune.grid_search(cells)
     elif method == "optuna":
         search_alg = PairedOptunaSearch(spec, settings.optuna_url, study_id)
         num_samples = spec.planned_trials()
@@ -150,9 +156,8 @@ def build_tuner(
         stoppers.append(CpuBudgetStopper(spec.caps.max_cpu_hours * 3600))
     from ray.tune.stopper import CombinedStopper
 
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     return tune.Tuner(
-        tune.with_resources(train_point, resources),
+        trainable(spec),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
@@ -171,6 +176,12 @@ def build_tuner(
             verbose=0,
         ),
     )
+
+
+def trainable(spec: StudySpec) -> Any:
+    """The study's Tune trainable with the resources of one worker: packs, or one trial each."""
+    fn = train_pack if max_members(spec) > 1 else train_point
+    return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
 def _init_ray(settings: Settings) -> None:
@@ -262,7 +273,7 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         if resume and tune.Tuner.can_restore(str(exp_path)):
             tuner = tune.Tuner.restore(
                 str(exp_path),
-                trainable=tune.with_resources(train_point, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+                trainable=trainable(spec),
                 resume_unfinished=True,
                 resume_errored=False,
             )

@@ -44,7 +44,8 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon
 
-PackReporter = Callable[[list[tuple[int, dict[str, Any]]], list[int], Callable[[], dict[str, Any]]], None]
+Indexed = list[tuple[int, dict[str, Any]]]  # (member index, metrics or record)
+PackReporter = Callable[[Indexed, Indexed, Callable[[], dict[str, Any]]], None]
 
 
 def pack_key(cfg: TrialConfig) -> tuple[tuple[str, Any], ...]:
@@ -206,8 +207,8 @@ def run_pack(
     Args:
         cfgs: the members' configurations (``check_pack`` must accept them).
         on_eval: called after every evaluation with the (member index, metrics) pairs evaluated, the
-            indices of members whose record became final at this step, and a function that returns
-            the pack's resumable state.
+            (member index, final record) pairs of members finished since the last call (solved,
+            unsolved at the budget, diverged), and a function that returns the pack's resumable state.
         form: how gradients are computed, a key of ``GRADIENT_FORMS``.
         resume: a state from ``on_eval``'s function; training continues from it exactly.
 
@@ -324,7 +325,10 @@ def _train(
             "elapsed": elapsed(),
         }
 
+    newly_final: list[int] = []
+
     def finish(i: int, status: str) -> None:
+        newly_final.append(i)
         m = members[i]
         m.record.update(m.last)
         m.record.update(status=status, steps=step, solved=status == "solved", **elapsed())
@@ -394,7 +398,8 @@ def _train(
                     finish(i, "unsolved")
                     finished.append(i)
             if on_eval is not None:
-                on_eval(evaluated, finished, state)
+                on_eval(evaluated, [(i, dict(members[i].record)) for i in newly_final], state)
+            newly_final.clear()
             if finished:
                 active = [i for i in active if not members[i].done]
                 restack(active)

@@ -48,6 +48,7 @@ def test_grid_study_tracks_every_trial_and_survives_failures(data_dir: Path) -> 
             "model": {"sizes": [SIZE]},
             "training": {"max_steps": 200, "eval_interval": 100, "eval_sequences": 128},
             "hparams": {"lr": {"values": [0.003, 1e5]}},
+            "execution": {"pack": "off"},  # faults are injected per solo trial
         }
     )
     study_id = prepare_study(spec, settings=get_settings())
@@ -188,3 +189,64 @@ def test_asha_within_one_cell_cuts_hopeless_lrs_and_survives_a_trial_that_diverg
     from studies.records import OUTCOMES
 
     assert "stopped" not in OUTCOMES
+
+
+def test_killed_packed_grid_study_resumes_with_every_member_recorded_once(data_dir: Path) -> None:
+    spec = StudySpec.model_validate(
+        {
+            "name": "packed",
+            "task": {"ladder": [[[7, 2]], [[13, 2]], [[23, 4]]]},
+            "model": {"sizes": [SIZE]},
+            "training": {"max_steps": 400, "eval_interval": 50, "eval_sequences": 128},
+            "hparams": {"lr": {"values": [0.003, 1e5]}},
+            "seeds": [0, 1],
+        }
+    )
+    settings = get_settings()
+    study_id = prepare_study(spec, settings=settings)
+    study_dir = settings.study_dir(study_id)
+    env = driver_env(data_dir)
+    log = data_dir / "driver.log"
+    proc = start_driver(study_id, env, log)
+    seen: list = []
+    try:
+
+        def some_members_done_packs_running() -> bool:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
+            st = read_status(study_dir)
+            return len(trial_lines(study_dir)) >= 2 and st.get("running", 0) >= 1
+
+        wait_for(some_members_done_packs_running, 240, "finished members and a running pack")
+    finally:
+        kill_tree(proc, seen)  # kill -9 mid-pack
+    before = {r["trial_id"] for r in trial_lines(study_dir)}
+    assert 2 <= len(before) < spec.planned_trials()
+    assert all(".m" in t for t in before), "grid trials run packed by default"
+
+    proc = start_driver(study_id, env, log, resume=True)
+    try:
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        kill_tree(proc)
+
+    status = read_status(study_dir)
+    assert status["state"] == "finished"
+    lines = [r["trial_id"] for r in trial_lines(study_dir)]
+    assert len(lines) == len(set(lines)) == spec.planned_trials() == 24, "every member recorded exactly once"
+    records = read_records(study_dir / "trials.jsonl")
+    configs = Counter((r.kind, r.point, r.lr, r.seed) for r in records)
+    assert len(configs) == 24 and set(configs.values()) == {1}
+    by = {(r.kind, r.point, r.lr, r.seed): r for r in records}
+    for r in records:
+        if r.lr == 1e5:
+            assert r.status == "diverged", r
+        else:
+            assert r.status in ("solved", "unsolved"), r
+            assert r.eval_acc is not None and r.cpu_s > 0
+    assert by[("dpa", "N7_T2", 0.003, 0)].status == "solved"
+    ml = status["mlflow"]
+    children = child_runs(ml["tracking_uri"], ml["experiment_id"], ml["run_id"])
+    ids = [r.data.tags["ladder.trial_id"] for r in children]
+    assert sorted(ids) == sorted(lines), "each member exactly once in MLflow"
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in children)

@@ -23,15 +23,15 @@ SHAPE = TrialConfig(
     n_heads=2,
     context_length=12,
     batch_size=32,
-    max_steps=400,
+    max_steps=500,
     eval_interval=100,
     eval_sequences=128,
     device="cpu",
 )
-# Two solved fast, one unsolved within the budget; three vocabularies (5, 7 and 13: padding and logit masks).
-# (Generator nt-3 judges N7_T2 on all 343 sequences: seed 0 at lr 3e-3 reaches 0.926 there, so N5_T1.)
+# Two solved fast, one unsolved within the budget; two vocabularies (7 and 13: padding and logit masks).
+# (Generator nt-3 judges N7_T2 on all 343 sequences: both N7_T2 members use lr 1e-2, which solves it in budget.)
 MEMBERS = [
-    replace(SHAPE, task=[[5, 1]], seed=0, lr=3e-3),
+    replace(SHAPE, task=[[7, 2]], seed=0, lr=1e-2),
     replace(SHAPE, task=[[7, 2]], seed=1, lr=1e-2),
     replace(SHAPE, task=[[13, 4]], seed=0, lr=3e-3),
 ]
@@ -54,7 +54,8 @@ class PackRecorder:
     def __call__(self, evaluated, finished, state) -> None:
         step = evaluated[0][1]["step"]
         self.evals += [(i, dict(m)) for i, m in evaluated]
-        self.finished += [(step, i) for i in finished]
+        self.finished += [(step, i) for i, record in finished]
+        assert all(record["status"] in ("solved", "unsolved", "diverged") for _, record in finished)
         if step in self.save_at:
             buf = io.BytesIO()
             torch.save(state(), buf)  # what a checkpoint does: the state must survive serialisation
@@ -66,7 +67,7 @@ class PackRecorder:
 
 @pytest.fixture(scope="module")
 def packed() -> tuple[list[dict[str, Any]], PackRecorder]:
-    rec = PackRecorder(save_at=(100, 200, 300, 400))
+    rec = PackRecorder(save_at=(100, 200, 300, 400, 500))
     return run_pack(MEMBERS, on_eval=rec), rec
 
 
@@ -102,7 +103,7 @@ def test_solved_member_is_frozen_and_leaves_the_pack(packed):
     assert (first["steps_to_solve"], k) in rec.finished
     assert max(m["step"] for i, m in rec.evals if i == k) == first["steps_to_solve"]  # never evaluated again
     # Its saved state stops changing once it is solved (params and Adam moments), while others go on.
-    after = [s for s in (100, 200, 300, 400) if s >= first["steps_to_solve"]]
+    after = [s for s in (100, 200, 300, 400, 500) if s >= first["steps_to_solve"]]
     assert len(after) >= 2, "test needs two checkpoints after the first member solved"
     a, b = (rec.state(s)["members"] for s in after[:2])
     for field in ("model", "exp_avg", "exp_avg_sq"):

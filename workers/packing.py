@@ -1,0 +1,145 @@
+"""Packs on Ray Tune: which trials train together, and the pack trainable.
+
+A grid study's cells are grouped by what a pack shares (attention kind and model size; the
+rest of the training config is fixed per study) and cut into balanced packs. One Tune trial
+runs one pack (``train_pack``) with the resources of one worker; it reports each member's
+evaluations and final record, which the study callback turns into one trial record and
+one MLflow child run per member (``member_results``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune import Checkpoint
+
+from studies.spec import StudySpec
+from workers.packed import run_pack
+from workers.trial import TrialConfig
+
+Cell = dict[str, Any]
+
+AUTO_MAX_MEMBERS = 32  # pack: auto on CPU; per-member step time stops falling beyond ~16-32 (bench_packing.py)
+_STATE = "pack.pt"
+
+
+def max_members(spec: StudySpec) -> int:
+    """Most members a pack of this study may have (1: the study runs unpacked)."""
+    pack = spec.execution.pack
+    if pack == "off":
+        return 1
+    if pack == "auto":  # ASHA cuts trials one by one; searchers ask for one trial at a time
+        return AUTO_MAX_MEMBERS if spec.search.method == "grid" and not spec.early_stopping.asha else 1
+    return int(pack)
+
+
+def plan_packs(cells: list[Cell], limit: int, min_packs: int = 1) -> list[list[Cell]]:
+    """Cells grouped by kind and model size, cut into balanced packs of at most ``limit``.
+
+    Packs are split further (largest first) until there are ``min_packs`` of them, so that
+    every worker gets one. Cell order is kept within a pack.
+    """
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c["kind"], c["size_idx"]), []).append(c)
+    packs: list[list[Cell]] = []
+    for group in groups.values():
+        packs += _cut(group, math.ceil(len(group) / limit))
+    while len(packs) < min_packs and any(len(p) > 1 for p in packs):
+        big = max(packs, key=len)
+        packs.remove(big)
+        packs += _cut(big, 2)
+    return packs
+
+
+def _cut(cells: list[Cell], n: int) -> list[list[Cell]]:
+    """``cells`` in ``n`` contiguous parts whose sizes differ by at most one."""
+    size, extra = divmod(len(cells), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        out.append(cells[start:end])
+        start = end
+    return out
+
+
+def is_pack(config: dict[str, Any]) -> bool:
+    return "pack" in config
+
+
+def member_id(trial_id: str, index: int) -> str:
+    """A member's trial id: the pack's Tune trial id and its place in the pack (stable across resumes)."""
+    return f"{trial_id}.m{index}"
+
+
+def cells_of(trial_id: str, config: dict[str, Any]) -> list[tuple[str, Cell]]:
+    """(trial id, cell) of every trial a Tune trial stands for: its members, or itself."""
+    if is_pack(config):
+        return [(member_id(trial_id, i), c) for i, c in enumerate(config["pack"])]
+    return [(trial_id, config["cell"])]
+
+
+def member_results(
+    trial_id: str, config: dict[str, Any], result: dict[str, Any]
+) -> Iterator[tuple[str, Cell, str, dict[str, Any]]]:
+    """(trial id, cell, what, metrics) per trial in one Tune result; ``what`` is ``progress`` or ``final``.
+
+    A solo trial's result is its own; a pack's carries ``members`` (evaluations) and
+    ``finals`` (records), keyed by member index.
+    """
+    if not is_pack(config):
+        yield trial_id, config["cell"], "final" if result.get("final") else "progress", result
+        return
+    for what, key in (("progress", "members"), ("final", "finals")):
+        for index, metrics in (result.get(key) or {}).items():
+            yield member_id(trial_id, int(index)), config["pack"][int(index)], what, metrics
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
+
+
+def train_pack(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: one pack; checkpointed every ``checkpoint_every`` evaluations and when a member finishes."""
+    from workers.callbacks import trial_config  # the callbacks import this module
+
+    cells, fixed = config["pack"], config["fixed"]
+    cfgs: list[TrialConfig] = [trial_config({"cell": c, "fixed": fixed}) for c in cells]
+    every = int(config.get("checkpoint_every", 1))
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / _STATE, weights_only=False)
+    n_evals = 0
+
+    def report(result: dict[str, Any], state: Any | None) -> None:
+        if state is None:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state(), Path(d) / _STATE)
+            tune.report(result, checkpoint=Checkpoint.from_directory(d))
+
+    def on_eval(
+        evaluated: list[tuple[int, dict[str, Any]]], finished: list[tuple[int, dict[str, Any]]], state: Any
+    ) -> None:
+        nonlocal n_evals
+        n_evals += 1
+        members = {str(i): _scalars(m) | node for i, m in evaluated}
+        finals = {str(i): _scalars(r) | node for i, r in finished}
+        result = {"step": evaluated[0][1]["step"], "members": members, "finals": finals}
+        result["eval_acc"] = max(m["eval_acc"] for m in members.values())
+        report(result, state if finished or n_evals % every == 0 else None)
+
+    records = run_pack(cfgs, on_eval, resume)
+    finals = {str(i): _scalars(r) | node for i, r in enumerate(records)}
+    tune.report({"final": True, "finals": finals, "step": max(r["steps"] for r in records)})
