@@ -387,7 +387,7 @@ def _train(
                 misses = int(m.last.get("confirm_misses", 0)) if m.last else 0
                 last.update(evaluate_point(m.model, evals[m.stream_key], mixes[i], m.cfg, step, device, misses))
                 last.update(elapsed())
-                last["cpu_s"] = m.cpu_s
+                last["pack_cpu_s"], last["cpu_s"] = last["cpu_s"], m.cpu_s  # the pack's, and this member's share
                 m.last, loss_sums[i] = last, 0.0
                 evaluated.append((i, last))
                 if last["solved"]:

@@ -137,9 +137,10 @@ def train_pack(config: dict[str, Any]) -> None:
         members = {str(i): _scalars(m) | node for i, m in evaluated}
         finals = {str(i): _scalars(r) | node for i, r in finished}
         result = {"step": evaluated[0][1]["step"], "members": members, "finals": finals}
-        result["eval_acc"] = max(m["eval_acc"] for m in members.values())
+        result["cpu_s"] = max(m["pack_cpu_s"] for m in members.values())  # what CpuBudgetStopper adds up
         report(result, state if finished or n_evals % every == 0 else None)
 
     records = run_pack(cfgs, on_eval, resume)
     finals = {str(i): _scalars(r) | node for i, r in enumerate(records)}
-    tune.report({"final": True, "finals": finals, "step": max(r["steps"] for r in records)})
+    cpu = sum(r["cpu_s"] for r in records)
+    tune.report({"final": True, "finals": finals, "step": max(r["steps"] for r in records), "cpu_s": cpu})

@@ -1,0 +1,309 @@
+"""Packed trials: throughput by pack size, gradient forms, EA/DPA inside a pack, and the quick-start study.
+
+Parts (``--parts``, default all):
+
+* ``throughput``: trials/hour of the quick-start trial shape at pack sizes 1, 8, 32 and 64
+  (``workers.packed.run_pack``), against solo ``run_trial``. Members train the quick-start's
+  top rung (N31_T6), which none solves in the timed steps, so every member runs every step; a
+  full trial is ``max_steps`` steps with an evaluation every ``eval_interval``, and trials/hour
+  is extrapolated from the time per member-step (evaluation included at its share).
+* ``forms``: the two gradient forms of ``GRADIENT_FORMS`` side by side (pack training time).
+* ``kinds``: EA/DPA training time ratio inside the packed trainer, same members, same steps.
+* ``study``: the quick-start study end to end through the real driver (Ray, MLflow, records),
+  ``execution.pack: auto`` vs ``off``, alternating; and the overhead ratio: packed study wall
+  time over a bare ``run_pack`` of the same packs one after another in one process (no Ray,
+  no MLflow, no checkpoints, no status writes), scaled to the same number of workers.
+
+Every timed case is repeated ``--reps`` times in an interleaved, shuffled order; the report
+gives medians and the spread (min-max). Run ``python -m benchmarks.bench_packing --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.packed import GRADIENT_FORMS, run_pack
+from workers.trial import TrialConfig, run_trial
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "studies" / "quickstart.yaml"
+TARGET_SPEEDUP = 2.0  # quick-start study, packed vs unpacked, end to end
+TARGET_OVERHEAD = 1.10  # packed study time / bare packed loop
+TARGET_KIND_RATIO = 1.05  # EA/DPA step time inside the packed trainer
+
+
+def quickstart_shape(size: int = 1) -> TrialConfig:
+    """A quick-start trial (size 0: d16 l1, size 1: d32 l2) on its top rung, as the driver resolves it."""
+    from studies.spec import StudySpec
+    from workers.callbacks import trial_config
+    from workers.driver import fixed_config
+    from workers.search import make_cell
+
+    spec = StudySpec.from_file(QUICKSTART)
+    cell = make_cell(spec, "dpa", size, len(spec.task.points()) - 1, spec.hparams.lr.grid_values()[0], 0)
+    fixed = fixed_config(spec)
+    return replace(trial_config({"cell": cell, "fixed": fixed}), device="cpu")
+
+
+def _members(base: TrialConfig, m: int, steps: int) -> list[TrialConfig]:
+    return [replace(base, seed=s, max_steps=steps, eval_interval=steps) for s in range(m)]
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(cases: dict[str, Callable[[], Any]], reps: int, seed: int) -> dict[str, list[float]]:
+    """Wall seconds of every case, ``reps`` times, the case order shuffled in every repetition."""
+    rng = random.Random(seed)
+    out: dict[str, list[float]] = {k: [] for k in cases}
+    for name in cases:  # warm-up: imports, allocator, first-call costs
+        cases[name]()
+    for _ in range(reps):
+        order = list(cases)
+        rng.shuffle(order)
+        for name in order:
+            out[name].append(_timed(cases[name]))
+    return out
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    base = quickstart_shape(args.size)
+    steps = args.steps
+    cases: dict[str, Callable[[], Any]] = {"solo run_trial": lambda: run_trial(_members(base, 1, steps)[0])}
+    for m in args.pack_sizes:
+        cases[f"pack {m}"] = lambda m=m: run_pack(_members(base, m, steps))
+    times = interleaved(cases, args.reps, args.seed)
+    rows = {}
+    for name, xs in times.items():
+        m = 1 if name.startswith("solo") else int(name.split()[1])
+        per_member_step = statistics.median(xs) / (m * steps)
+        rows[name] = _stats(xs) | {
+            "members": m,
+            "s_per_member_step": per_member_step,
+            "trials_per_hour": 3600 / (per_member_step * base.max_steps),
+        }
+    solo = rows["solo run_trial"]["trials_per_hour"]
+    for r in rows.values():
+        r["vs_solo"] = r["trials_per_hour"] / solo
+    return {"shape": _shape(base), "steps_timed": steps, "rows": rows}
+
+
+def part_forms(args: argparse.Namespace) -> dict[str, Any]:
+    base = quickstart_shape(args.size)
+    cases = {
+        f"{form} M={m}": lambda form=form, m=m: run_pack(_members(base, m, args.steps), form=form)
+        for m in args.form_sizes
+        for form in GRADIENT_FORMS
+    }
+    return {"shape": _shape(base), "rows": {k: _stats(v) for k, v in interleaved(cases, args.reps, args.seed).items()}}
+
+
+def part_kinds(args: argparse.Namespace) -> dict[str, Any]:
+    base = quickstart_shape(args.size)
+    cases = {
+        f"{kind} M={m}": lambda kind=kind, m=m: run_pack(_members(replace(base, attention=kind), m, args.steps))
+        for m in args.form_sizes
+        for kind in ("dpa", "ea")
+    }
+    times = interleaved(cases, args.reps, args.seed)
+    rows: dict[str, Any] = {k: _stats(v) for k, v in times.items()}
+    for m in args.form_sizes:
+        pairs = [e / d for e, d in zip(times[f"ea M={m}"], times[f"dpa M={m}"], strict=True)]
+        rows[f"ea/dpa M={m}"] = {
+            "ratio_of_medians": rows[f"ea M={m}"]["median"] / rows[f"dpa M={m}"]["median"],
+            "paired": _stats(pairs),
+        }
+    return {"shape": _shape(base), "rows": rows}
+
+
+def _run_study(pack: str, data: Path) -> dict[str, Any]:
+    """The quick-start study through the real driver in a fresh process; wall time and its records."""
+    from studies.spec import StudySpec
+
+    spec = StudySpec.from_file(QUICKSTART).model_dump(mode="json")
+    spec["execution"] = {"pack": pack}
+    env = os.environ | {"LADDER_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    code = (
+        "import json,sys; from studies.spec import StudySpec; from workers.driver import prepare_study;"
+        "print(prepare_study(StudySpec.model_validate(json.loads(sys.argv[1]))))"
+    )
+    study_id = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, check=True)
+    wall = time.perf_counter() - t
+    lines = (data / "studies" / study_id / "trials.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines if x.strip()]
+    return {"wall_s": wall, "records": records}
+
+
+def part_study(args: argparse.Namespace) -> dict[str, Any]:
+    from studies.spec import StudySpec
+    from workers.callbacks import trial_config
+    from workers.driver import fixed_config
+    from workers.packing import max_members, plan_packs
+    from workers.search import make_cell
+
+    walls: dict[str, list[float]] = {"auto": [], "off": []}
+    outcomes: dict[str, list[tuple[str, str, str]]] = {}
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.study_reps):
+            order = ["auto", "off"]
+            rng.shuffle(order)
+            for pack in order:
+                res = _run_study(pack, Path(tmp) / f"{pack}{rep}")
+                walls[pack].append(res["wall_s"])
+                outcomes[pack] = sorted(
+                    (r["kind"], f"d{r['d_model']}", r["point"], r["status"]) for r in res["records"]
+                )
+    # The bare loop: the same packs, run_pack one after another, no Ray/MLflow/checkpoints/status.
+    spec = StudySpec.from_file(QUICKSTART)
+    cells = [
+        make_cell(spec, kind, si, pi, lr, seed)
+        for si in range(len(spec.model.all_sizes()))
+        for pi in range(len(spec.task.points()))
+        for lr in spec.hparams.lr.grid_values()
+        for seed in spec.seeds
+        for kind in spec.attention
+    ]
+    fixed = fixed_config(spec)
+    packs = plan_packs(cells, max_members(spec), spec.max_concurrent)
+    bare = []
+    for pack in packs:
+        cfgs = [replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in pack]
+        bare.append(_timed(lambda cfgs=cfgs: run_pack(cfgs)))
+    # Packs run max_concurrent at a time: the bare loop's wall on that many workers is at least
+    # max(total / workers, longest pack); we take that lower bound (the most demanding ratio).
+    bare_wall = max(sum(bare) / spec.max_concurrent, max(bare))
+    auto, off = statistics.median(walls["auto"]), statistics.median(walls["off"])
+    return {
+        "walls": {k: _stats(v) | {"runs": v} for k, v in walls.items()},
+        "speedup": off / auto,
+        "same_outcomes": outcomes.get("auto") == outcomes.get("off"),
+        "outcomes": outcomes,
+        "packs": [len(p) for p in packs],
+        "bare_pack_s": bare,
+        "bare_wall_s": bare_wall,
+        "overhead": auto / bare_wall,
+    }
+
+
+def _shape(cfg: TrialConfig) -> str:
+    return (
+        f"d{cfg.d_model} l{cfg.n_layers} h{cfg.n_heads}, context {cfg.context_length}, batch {cfg.batch_size}, "
+        f"{cfg.max_steps} steps, eval every {cfg.eval_interval}, task {cfg.task}"
+    )
+
+
+def machine() -> dict[str, Any]:
+    """The machine and its load now (bench_attention's environment record)."""
+    from benchmarks.bench_attention import environment
+
+    return environment(torch.device("cpu")) | {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "throughput": part_throughput,
+    "forms": part_forms,
+    "kinds": part_kinds,
+    "study": part_study,
+}
+
+
+def report(results: dict[str, Any]) -> str:
+    out = [f"machine: {json.dumps(results['machine_start'])}", f"load at end: {results['machine_end']['loadavg']}"]
+    if "throughput" in results:
+        t = results["throughput"]
+        out += [
+            f"\n## Throughput ({t['shape']}; {t['steps_timed']} steps timed)",
+            "",
+            "| case | median s | min-max s | s/member-step | trials/hour | vs solo |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in t["rows"].items():
+            out.append(
+                f"| {name} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['s_per_member_step'] * 1e3:.2f} ms "
+                f"| {r['trials_per_hour']:.0f} | {r['vs_solo']:.2f}x |"
+            )
+    for part in ("forms", "kinds"):
+        if part in results:
+            out += [f"\n## {part} ({results[part]['shape']})", "", "| case | median | spread |", "|---|---|---|"]
+            for name, r in results[part]["rows"].items():
+                if "median" in r:
+                    out.append(f"| {name} | {r['median']:.2f} s | {r['min']:.2f}-{r['max']:.2f} s |")
+                else:
+                    p = r["paired"]
+                    ratio = f"{r['ratio_of_medians']:.3f} (target <= {TARGET_KIND_RATIO})"
+                    out.append(f"| {name} | {ratio} | paired {p['min']:.3f}-{p['max']:.3f} |")
+    if "study" in results:
+        s = results["study"]
+        out += [
+            "\n## Quick-start study end to end",
+            f"packed (auto) wall: {s['walls']['auto']['runs']} s, median {s['walls']['auto']['median']:.1f} s",
+            f"unpacked (off) wall: {s['walls']['off']['runs']} s, median {s['walls']['off']['median']:.1f} s",
+            f"speed-up {s['speedup']:.2f}x (target >= {TARGET_SPEEDUP}); same outcomes per trial: {s['same_outcomes']}",
+            f"packs {s['packs']}; bare run_pack seconds {[round(x, 1) for x in s['bare_pack_s']]}; "
+            f"bare wall on the study's workers {s['bare_wall_s']:.1f} s",
+            f"overhead (packed study wall / bare) {s['overhead']:.2f} (target <= {TARGET_OVERHEAD})",
+        ]
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_packing", description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
+    p.add_argument("--size", type=int, default=1, help="quick-start model size index (0: d16 l1, 1: d32 l2)")
+    p.add_argument("--steps", type=int, default=100, help="training steps timed per case (one evaluation at the end)")
+    p.add_argument("--pack-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
+    p.add_argument("--form-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case")
+    p.add_argument("--study-reps", type=int, default=2, help="quick-start runs per setting (alternating)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown part(s) {unknown}; known: {list(PARTS)}")
+    results: dict[str, Any] = {"machine_start": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    for part in parts:
+        results[part] = PARTS[part](args)
+        print(f"[{part} done]", file=sys.stderr, flush=True)
+    results["machine_end"] = machine()
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

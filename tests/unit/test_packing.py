@@ -1,0 +1,96 @@
+"""Which trials a study packs together, and the spec's execution field (no Ray needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from studies.spec import StudySpec
+from workers.packing import AUTO_MAX_MEMBERS, cells_of, max_members, member_results, plan_packs
+from workers.search import make_cell
+
+BASE: dict[str, Any] = {
+    "name": "p",
+    "task": {"ladder": [[[7, 2]], [[13, 2]], [[13, 4]]]},
+    "model": {"sizes": [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2}]},
+    "seeds": [0, 1],
+}
+
+
+def _spec(**over: Any) -> StudySpec:
+    return StudySpec.model_validate(BASE | over)
+
+
+def _cells(spec: StudySpec) -> list[dict[str, Any]]:
+    return [
+        make_cell(spec, kind, si, pi, 3e-3, seed)
+        for si in range(2)
+        for pi in range(3)
+        for seed in spec.seeds
+        for kind in spec.attention
+    ]
+
+
+def test_packs_group_one_kind_and_size_and_keep_every_cell_once():
+    spec = _spec()
+    cells = _cells(spec)
+    packs = plan_packs(cells, max_members(spec), spec.max_concurrent)
+    assert len(packs) == 4  # (dpa, ea) x (d16, d32), 6 members each
+    assert sorted(len(p) for p in packs) == [6, 6, 6, 6]
+    for p in packs:
+        assert len({(c["kind"], c["size_idx"]) for c in p}) == 1
+    flat = [c for p in packs for c in p]
+    assert sorted(map(str, flat)) == sorted(map(str, cells))
+
+
+def test_packs_are_balanced_under_the_limit_and_split_for_idle_workers():
+    cells = _cells(_spec())
+    assert sorted(len(p) for p in plan_packs(cells, 4, 1)) == [3] * 8  # 6 a group, limit 4: two of 3
+    one_group = [c for c in cells if c["kind"] == "dpa" and c["size_idx"] == 0]
+    assert [len(p) for p in plan_packs(one_group, 32, 1)] == [6]
+    assert sorted(len(p) for p in plan_packs(one_group, 32, 2)) == [3, 3]  # two workers: two packs
+    assert sorted(len(p) for p in plan_packs(one_group[:1], 32, 4)) == [1]  # nothing left to split
+
+
+def test_execution_pack_resolves_per_study():
+    assert max_members(_spec()) == AUTO_MAX_MEMBERS
+    assert max_members(_spec(execution={"pack": "off"})) == 1
+    assert max_members(_spec(execution={"pack": 5})) == 5
+    assert max_members(_spec(early_stopping={"asha": True, "grace_period": 100})) == 1  # auto: ASHA runs unpacked
+    optuna = _spec(search={"method": "optuna", "n_trials": 3}, hparams={"lr": {"low": 1e-3, "high": 1e-2}})
+    assert max_members(optuna) == 1
+
+
+@pytest.mark.parametrize(
+    ("over", "rule"),
+    [
+        ({"execution": {"pack": 4}, "early_stopping": {"asha": True, "grace_period": 100}}, "asha"),
+        ({"execution": {"pack": 4}, "search": {"method": "frontier"}}, "grid studies only"),
+        ({"execution": {"pack": 0}}, "greater than or equal to 1"),
+        ({"execution": {"pack": "sometimes"}}, "pack"),
+        ({"execution": {"checkpoint_every": 0}}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_execution_is_refused_naming_the_field(over, rule):
+    with pytest.raises(ValidationError) as e:
+        _spec(**over)
+    text = str(e.value)
+    assert "execution" in text and rule in text
+
+
+def test_member_ids_and_results_map_back_to_cells():
+    spec = _spec()
+    pack = plan_packs(_cells(spec), 32, 1)[0]
+    config = {"pack": pack, "fixed": {}}
+    ids = [tid for tid, _ in cells_of("abc_00001", config)]
+    assert ids == [f"abc_00001.m{i}" for i in range(len(pack))]
+    result = {"members": {"1": {"step": 100, "eval_acc": 0.5}}, "finals": {"0": {"status": "solved"}}}
+    got = list(member_results("abc_00001", config, result))
+    assert got == [
+        ("abc_00001.m1", pack[1], "progress", {"step": 100, "eval_acc": 0.5}),
+        ("abc_00001.m0", pack[0], "final", {"status": "solved"}),
+    ]
+    solo = {"cell": pack[0], "fixed": {}}
+    assert list(member_results("t", solo, {"final": True})) == [("t", pack[0], "final", {"final": True})]
