@@ -73,8 +73,7 @@ def interleaved(cases: dict[str, Callable[[], Any]], reps: int, seed: int) -> di
     """Wall seconds of every case, ``reps`` times, the case order shuffled in every repetition."""
     rng = random.Random(seed)
     out: dict[str, list[float]] = {k: [] for k in cases}
-    for name in cases:  # warm-up: imports, allocator, first-call costs
-        cases[name]()
+    run_pack(_members(quickstart_shape(0), 2, 5))  # warm-up: imports, allocator, first-call costs
     for _ in range(reps):
         order = list(cases)
         rng.shuffle(order)
@@ -276,10 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_packing", description=__doc__.split("\n")[0])
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
     p.add_argument("--size", type=int, default=1, help="quick-start model size index (0: d16 l1, 1: d32 l2)")
-    p.add_argument("--steps", type=int, default=100, help="training steps timed per case (one evaluation at the end)")
+    p.add_argument("--steps", type=int, default=50, help="training steps timed per case (one evaluation at the end)")
     p.add_argument("--pack-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
-    p.add_argument("--form-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case")
+    p.add_argument("--form-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8])
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions per case")
     p.add_argument("--study-reps", type=int, default=2, help="quick-start runs per setting (alternating)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets one)")
     p.add_argument("--seed", type=int, default=0)
