@@ -70,7 +70,8 @@ class _Member:
     last: dict[str, Any]
     model: Transformer  # the member's own model (own vocabulary): evaluation runs on it
     stream_key: tuple[Any, ...]
-    cpu_s: float = 0.0
+    cpu_s: float = 0.0  # this member's share of the pack's CPU time
+    gpu_s: float = 0.0  # this member's share of the pack's wall time on a GPU
     done: bool = False
 
 
@@ -214,7 +215,7 @@ def run_pack(
 
     Returns:
         One record per member (status, metrics, steps-to-solve, times, config, generator version).
-        ``cpu_s`` is the member's share of the pack's CPU time (each step split evenly among the
+        ``cpu_s`` (``gpu_s``) is the member's share of the pack's CPU (GPU wall) time (each step split evenly among the
         members it trained); ``wall_s`` the pack's wall time until the member finished.
     """
     check_pack(cfgs)
@@ -248,7 +249,7 @@ def run_pack(
         if not m.done:
             m.record.update(m.last)
             m.record.update(status=status, error=error, solved=False, **elapsed())
-            m.record["cpu_s"] = m.cpu_s
+            m.record.update(cpu_s=m.cpu_s, gpu_s=m.gpu_s)
         out.append(m.record)
     return out
 
@@ -289,7 +290,8 @@ def _train(
     if resume:
         step = resume["step"]
         for m, saved in zip(members, resume["members"], strict=True):
-            m.record, m.last, m.cpu_s, m.done = saved["record"], saved["last"], saved["cpu_s"], saved["done"]
+            m.record, m.last, m.done = saved["record"], saved["last"], saved["done"]
+            m.cpu_s, m.gpu_s = saved["cpu_s"], saved["gpu_s"]
             states.append(saved["state"])
         for key, rng in resume["data_rng"].items():
             streams[key].g.set_state(rng)
@@ -318,7 +320,14 @@ def _train(
         return {
             "step": step,
             "members": [
-                {"record": dict(m.record), "last": dict(m.last), "cpu_s": m.cpu_s, "done": m.done, "state": states[i]}
+                {
+                    "record": dict(m.record),
+                    "last": dict(m.last),
+                    "cpu_s": m.cpu_s,
+                    "gpu_s": m.gpu_s,
+                    "done": m.done,
+                    "state": states[i],
+                }
                 for i, m in enumerate(members)
             ],
             "data_rng": {k: s.g.get_state() for k, s in streams.items()},
@@ -332,7 +341,7 @@ def _train(
         m = members[i]
         m.record.update(m.last)
         m.record.update(status=status, steps=step, solved=status == "solved", **elapsed())
-        m.record["cpu_s"] = m.cpu_s
+        m.record.update(cpu_s=m.cpu_s, gpu_s=m.gpu_s)
         m.done = True
 
     for i in active:  # resumed from the evaluation that solved it: nothing left to train
@@ -341,7 +350,7 @@ def _train(
             finish(i, "solved")
     active = [i for i in active if not members[i].done]
     restack(active)
-    cpu_mark = time.process_time()
+    cpu_mark, wall_mark = time.process_time(), time.perf_counter()
 
     while active and step < shared.max_steps:
         batches = {k: streams[k].batch(shared.batch_size) for k in {members[i].stream_key for i in active}}
@@ -371,11 +380,12 @@ def _train(
         lr = torch.tensor([lr_at(step, members[i].cfg) for i in active], device=device)
         step += 1
         _adamw_(stack, grads, lr, step, shared.weight_decay)
-        now = time.process_time()
+        now, wall_now = time.process_time(), time.perf_counter()
         for j, i in enumerate(active):
             loss_sums[i] += values[j]
             members[i].cpu_s += (now - cpu_mark) / len(active)
-        cpu_mark = now
+            members[i].gpu_s += (wall_now - wall_mark) / len(active) if device.type == "cuda" else 0.0
+        cpu_mark, wall_mark = now, wall_now
         if step % shared.eval_interval == 0 or step == shared.max_steps:
             save_states()
             evaluated, finished = [], []
@@ -387,7 +397,8 @@ def _train(
                 misses = int(m.last.get("confirm_misses", 0)) if m.last else 0
                 last.update(evaluate_point(m.model, evals[m.stream_key], mixes[i], m.cfg, step, device, misses))
                 last.update(elapsed())
-                last["pack_cpu_s"], last["cpu_s"] = last["cpu_s"], m.cpu_s  # the pack's, and this member's share
+                last["pack_cpu_s"] = last["cpu_s"]  # the pack's; the member's own share below
+                last.update(cpu_s=m.cpu_s, gpu_s=m.gpu_s)
                 m.last, loss_sums[i] = last, 0.0
                 evaluated.append((i, last))
                 if last["solved"]:
@@ -403,7 +414,7 @@ def _train(
             if finished:
                 active = [i for i in active if not members[i].done]
                 restack(active)
-            cpu_mark = time.process_time()
+            cpu_mark, wall_mark = time.process_time(), time.perf_counter()
     for i in active:  # the budget ran out between evaluations (max_steps is always evaluated)
         finish(i, "unsolved")
     return [m.record for m in members]

@@ -12,7 +12,7 @@ import torch
 from workers.packed import GRADIENT_FORMS, check_pack, pack_key, run_pack
 from workers.trial import TrialConfig, run_trial
 
-TIME_FIELDS = ("wall_s", "cpu_s", "gpu_s")
+TIME_FIELDS = ("wall_s", "cpu_s", "gpu_s", "pack_cpu_s")
 # Final accuracy of a member against its solo trial: packed and solo runs round differently
 # (a batched matmul, a masked mean), so trajectories drift apart by float noise over hundreds of steps.
 ACC_TOLERANCE = 0.05
