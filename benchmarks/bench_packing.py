@@ -151,8 +151,10 @@ def _run_study(pack: str, data: Path) -> dict[str, Any]:
         [sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True, check=True
     ).stdout.split()[-1]
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, check=True)
+    run = subprocess.run([sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    if run.returncode:
+        raise RuntimeError(f"the {pack} quick-start driver failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
     lines = (data / "studies" / study_id / "trials.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines if x.strip()]
     return {"wall_s": wall, "records": records}
