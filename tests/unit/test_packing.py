@@ -23,6 +23,16 @@ def _spec(**over: Any) -> StudySpec:
     return StudySpec.model_validate(BASE | over)
 
 
+# ASHA is allowed within one cell only (one kind, size and point).
+ONE_CELL: dict[str, Any] = {
+    "attention": ["dpa"],
+    "model": {"sizes": [{"d_model": 16, "n_layers": 1, "n_heads": 2}]},
+    "task": {"ladder": [[[7, 2]]]},
+    "hparams": {"lr": {"values": [1e-3, 3e-3]}},
+}
+ASHA = {"early_stopping": {"asha": True, "grace_period": 100}}
+
+
 def _cells(spec: StudySpec) -> list[dict[str, Any]]:
     return [
         make_cell(spec, kind, si, pi, 3e-3, seed)
@@ -58,7 +68,7 @@ def test_execution_pack_resolves_per_study():
     assert max_members(_spec()) == AUTO_MAX_MEMBERS
     assert max_members(_spec(execution={"pack": "off"})) == 1
     assert max_members(_spec(execution={"pack": 5})) == 5
-    assert max_members(_spec(early_stopping={"asha": True, "grace_period": 100})) == 1  # auto: ASHA runs unpacked
+    assert max_members(_spec(**ONE_CELL, **ASHA)) == 1  # auto: ASHA runs unpacked
     optuna = _spec(search={"method": "optuna", "n_trials": 3}, hparams={"lr": {"low": 1e-3, "high": 1e-2}})
     assert max_members(optuna) == 1
 
@@ -66,7 +76,7 @@ def test_execution_pack_resolves_per_study():
 @pytest.mark.parametrize(
     ("over", "rule"),
     [
-        ({"execution": {"pack": 4}, "early_stopping": {"asha": True, "grace_period": 100}}, "asha"),
+        ({"execution": {"pack": 4}, **ONE_CELL, **ASHA}, "asha"),
         ({"execution": {"pack": 4}, "search": {"method": "frontier"}}, "grid studies only"),
         ({"execution": {"pack": 0}}, "greater than or equal to 1"),
         ({"execution": {"pack": "sometimes"}}, "pack"),
