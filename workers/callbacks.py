@@ -104,6 +104,7 @@ class StudyCallback(Callback):
         self.study_id, self.spec, self.progress, self.tracker = study_id, spec, progress, tracker
         self.study_dir = settings.study_dir(study_id)
         self._bar: Any = None
+        self._closed: set[str] = set()  # pack members whose record and MLflow run are both final
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_bar": None}
@@ -119,11 +120,13 @@ class StudyCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         fixed = trial.config["fixed"]
-        recorded = self._records_by_id() if is_pack(trial.config) else set()
+        recorded = self._records_by_id() if is_pack(trial.config) else {}
         for tid, cell, what, values in member_results(trial.trial_id, trial.config, result):
             if what == "progress":
                 self.tracker.log_progress(self._run(tid, cell, fixed), values)
-            elif is_pack(trial.config) and tid not in recorded:  # a solo trial is recorded on completion
+            elif tid in recorded:
+                self._close(recorded[tid])
+            elif is_pack(trial.config):  # a solo trial is recorded on completion
                 self._finish(tid, cell, fixed, values.get("status", "failed"), values, values.get("error"))
         self._refresh(trials)
 
@@ -138,8 +141,16 @@ class StudyCallback(Callback):
         self._finish_unrecorded(trial, classify_error(trial), trial.last_result or {}, error)
         self._refresh(trials)
 
-    def _records_by_id(self) -> set[str]:
-        return {r.trial_id for r in read_records(self.study_dir / RECORDS)}
+    def _records_by_id(self) -> dict[str, TrialRecord]:
+        return {r.trial_id: r for r in read_records(self.study_dir / RECORDS)}
+
+    def _close(self, record: TrialRecord) -> None:
+        """Finish the MLflow run of an already recorded pack member, if a kill came between the two."""
+        if record.trial_id in self._closed:
+            return
+        if record.mlflow_run_id and self.tracker.client.get_run(record.mlflow_run_id).info.status == "RUNNING":
+            self.tracker.finish(record)
+        self._closed.add(record.trial_id)
 
     def _finish_unrecorded(self, trial: Trial, status: str, result: dict[str, Any], error: str | None) -> None:
         """Record every trial ``trial`` stands for that has no record yet (a pack's members: once each).
@@ -147,9 +158,11 @@ class StudyCallback(Callback):
         A pack's members without a record (the pack was stopped or failed) get ``status`` and no metrics.
         """
         pack = is_pack(trial.config)
-        recorded = self._records_by_id() if pack else set()
+        recorded = self._records_by_id() if pack else {}
         for tid, cell in cells_of(trial.trial_id, trial.config):
-            if tid not in recorded:
+            if tid in recorded:
+                self._close(recorded[tid])
+            else:
                 self._finish(tid, cell, trial.config["fixed"], status, {} if pack else result, error)
 
     def _finish(
@@ -196,6 +209,7 @@ class StudyCallback(Callback):
         if not self._recorded(rec):  # a trial rerun after a resume is recorded (and counted) once
             append_record(self.study_dir / RECORDS, rec)
         self.tracker.finish(rec)
+        self._closed.add(trial_id)
 
     def _recorded(self, rec: TrialRecord) -> bool:
         """An outcome is on file for this trial key already (a failure may be retried and recorded again)."""
