@@ -270,6 +270,9 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         if _stop_requested:
             raise _Stopped
         _init_ray(settings)
+        # ray.init installs a native SIGTERM handler that aborts the process: take the signals back.
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+        signal.signal(signal.SIGINT, _on_stop_signal)
         if resume and tune.Tuner.can_restore(str(exp_path)):
             tuner = tune.Tuner.restore(
                 str(exp_path),
