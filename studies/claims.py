@@ -83,12 +83,14 @@ _COLUMNS = [f.name for f in fields(Trial)]
 
 
 def _setting(rec: TrialRecord) -> str:
-    """The trial's fairness setting as a label: q/k/v init std and temperature where recorded."""
+    """The trial's fairness setting as a short label: q/k/v init std, and the temperature if not 1."""
     cfg = rec.config if isinstance(getattr(rec, "config", None), dict) else {}
-    parts = [f"{key}={cfg[key]:g}" for key in ("qkv_init_std", "temperature") if isinstance(cfg.get(key), int | float)]
+    parts = [f"init {cfg['qkv_init_std']:g}"] if isinstance(cfg.get("qkv_init_std"), int | float) else []
+    if isinstance(cfg.get("temperature"), int | float) and cfg["temperature"] != 1:
+        parts.append(f"temperature {cfg['temperature']:g}")
     if cfg.get("learn_temperature"):
         parts.append("learned temperature")
-    return ",".join(parts) or "default"
+    return ", ".join(parts) or "default"
 
 
 def _round(x: float | None) -> float | None:
@@ -282,6 +284,17 @@ class Study:
         rungs = [r for r, p, m in self.points if m == multi and self.outcome(kind, size, p, seed, budget)]
         return max(rungs, default=-1)
 
+    def complete(self, kinds: Sequence[str], size: str, multi: bool) -> list[int]:
+        """Scoring seeds with an outcome at every rung of the ladder for each of ``kinds``: the seeds
+        whose highest solved rung is known (a rung not run is not an unsolved rung)."""
+        rungs = [p for _, p, m in self.points if m == multi]
+        return [s for s in self.seeds if all(self.outcome(k, size, p, s) is not None for k in kinds for p in rungs)]
+
+    def mean_highest(self, kind: str, size: str, multi: bool, budget: int | None = None) -> float | None:
+        """Mean over complete seeds of the highest solved rung (None without a complete seed)."""
+        seeds = self.complete([kind], size, multi)
+        return statistics.fmean(self.highest(kind, size, s, multi, budget) for s in seeds) if seeds else None
+
 
 def _ladders(study: Study) -> list[bool]:
     return [m for m in (False, True) if any(pm == m for _, _, pm in study.points)]
@@ -293,10 +306,9 @@ def budget_moves(study: Study) -> dict[str, bool]:
     for size in study.sizes:
         moved = False
         for multi in _ladders(study):
-            at = [
-                sum(study.highest(REFERENCE, size, s, multi, b) for s in study.seeds) for b in (study.budget // 2, None)
-            ]
-            moved |= at[0] != at[1]
+            moved |= study.mean_highest(REFERENCE, size, multi, study.budget // 2) != study.mean_highest(
+                REFERENCE, size, multi
+            )
         out[size] = moved
     return out
 
@@ -312,7 +324,7 @@ class Paired:
     pairs: int
     p_value: float
     margin: tuple[float, float | None, float | None]  # per-seed solved-points margin: mean, low, high
-    rung_margin: tuple[float, float | None, float | None]  # per-seed single-task frontier margin, in rungs
+    rung_margin: tuple[float, float | None, float | None] | None  # per complete seed: frontier margin, rungs
     any_solved: bool
 
     @property
@@ -337,7 +349,8 @@ def paired(study: Study, kind: str, size: str) -> Paired:
             diff += int(a) - int(b)
             any_solved |= a or b
         per_seed.append(float(diff))
-        per_seed_rung.append(float(study.highest(kind, size, s, False) - study.highest(REFERENCE, size, s, False)))
+        if s in study.complete([kind, REFERENCE], size, False):
+            per_seed_rung.append(float(study.highest(kind, size, s, False) - study.highest(REFERENCE, size, s, False)))
     return Paired(
         kind,
         size,
@@ -346,7 +359,7 @@ def paired(study: Study, kind: str, size: str) -> Paired:
         pairs,
         exact_mcnemar(wins, losses),
         mean_ci(per_seed),
-        mean_ci(per_seed_rung),
+        mean_ci(per_seed_rung) if per_seed_rung else None,
         any_solved,
     )
 
@@ -484,25 +497,31 @@ def claim3(study: Study, kind: str) -> Verdict:
 
 def claim4(study: Study, kind: str) -> Verdict:
     """EA solves a point DPA cannot at the same size: supported when some cell is solved for EA and
-    unsolved for DPA (both by the Wilson rule); contradicted when every cell EA possibly solves is
-    solved for DPA, at every size."""
+    unsolved for DPA (both by the Wilson rule); contradicted when, at every size, DPA's limit was
+    reached (some cell unsolved for DPA) and DPA solves every cell EA might solve."""
     found, dominated, notes = [], True, []
     for size in study.sizes:
+        limit = False
         for _, p, _ in study.points:
             (ea_s, ea_n), (dp_s, dp_n) = study.cell(kind, size, p), study.cell(REFERENCE, size, p)
             ea_state, dpa_state = cell_state(ea_s, ea_n), cell_state(dp_s, dp_n)
+            limit |= dpa_state == "unsolved"
             if ea_state == "solved" and dpa_state == "unsolved":
                 found.append(f"{size} {p} ({ea_s}/{ea_n} vs {dp_s}/{dp_n})")
             if ea_state != "unsolved" and dpa_state != "solved":
                 dominated = False
-                if ea_s > dp_s:
+                if ea_s * dp_n > dp_s * ea_n:
                     notes.append(f"{size} {p} {ea_s}/{ea_n} vs {dp_s}/{dp_n}")
+        dominated &= limit
     if found:
         return Verdict("supported", "EA solved, DPA unsolved: " + ", ".join(found))
     if dominated:
-        return Verdict("contradicted", "every cell EA may solve, DPA solves with confidence")
+        return Verdict("contradicted", "at every size DPA's limit was reached, and DPA solves every cell EA may solve")
     shown = ", ".join(notes[:4]) + (" ..." if len(notes) > 4 else "")
-    return Verdict("undetermined", "no cell decided both ways" + (f"; EA ahead, undecided: {shown}" if notes else ""))
+    return Verdict(
+        "undetermined",
+        "no cell solved for EA and unsolved for DPA" + (f"; EA ahead, undecided: {shown}" if notes else ""),
+    )
 
 
 # --- tables -----------------------------------------------------------------------------
@@ -574,7 +593,7 @@ def paired_table(study: Study) -> str:
                     f"{p.wins} / {p.losses} / {p.pairs}",
                     f"{p.p_value:.3g}",
                     _ci(p.margin),
-                    _ci(p.rung_margin),
+                    _ci(p.rung_margin) if p.rung_margin else "-",
                     p.verdict,
                 ]
             )
@@ -582,15 +601,16 @@ def paired_table(study: Study) -> str:
 
 
 def budget_table(study: Study, steps: int = 4) -> str:
-    """Mean per-seed frontier (highest solved single-task rung, -1 none) at budgets b/steps .. b."""
+    """Mean per-seed frontier (highest solved single-task rung, -1 none; complete seeds) at budgets b/steps .. b."""
     budgets = [study.budget * (i + 1) // steps for i in range(steps)]
     head = ["size", "kind", *[f"b={b}" for b in budgets], "moves b/2→b"]
     rows = []
     for size in study.sizes:
         for kind in study.kinds:
-            at = [statistics.fmean(study.highest(kind, size, s, False, b) for s in study.seeds) for b in budgets]
-            half = statistics.fmean(study.highest(kind, size, s, False, study.budget // 2) for s in study.seeds)
-            rows.append([size, kind, *[f"{x:.2f}" for x in at], "yes" if half != at[-1] else "no"])
+            at = [study.mean_highest(kind, size, False, b) for b in budgets]
+            half = study.mean_highest(kind, size, False, study.budget // 2)
+            cells = ["-" if x is None else f"{x:.2f}" for x in at]
+            rows.append([size, kind, *cells, "-" if half is None else "yes" if half != at[-1] else "no"])
     return _table(head, rows)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -41,14 +40,15 @@ def cells_figure(study: Study) -> Figure:
 
 
 def budget_figure(study: Study, points: int = 10) -> Figure:
-    """Per size: each kind's mean per-seed highest solved single-task rung against the step budget."""
+    """Per size: each kind's mean highest solved single-task rung (over complete seeds) against the budget."""
     fig = Figure(figsize=(4.2 * len(study.sizes), 3.0), layout="constrained")
     axes = fig.subplots(1, len(study.sizes), squeeze=False)[0]
     budgets = [study.budget * (i + 1) // points for i in range(points)]
     for ax, size in zip(axes, study.sizes, strict=True):
         for kind in study.kinds:
-            ys = [statistics.fmean(study.highest(kind, size, s, False, b) for s in study.seeds) for b in budgets]
-            ax.plot(budgets, ys, marker=".", color=COLORS.get(kind), label=kind)
+            ys = [study.mean_highest(kind, size, False, b) for b in budgets]
+            if all(y is not None for y in ys):
+                ax.plot(budgets, ys, marker=".", color=COLORS.get(kind), label=kind)
         ax.axvline(study.budget / 2, color="grey", lw=0.8, ls=":")
         ax.set_title(size, fontsize=9)
         ax.set_xlabel("step budget b")

@@ -19,6 +19,7 @@ from studies.claims import (
     claim3,
     claim4,
     mean_ci,
+    paired,
     read_benchmark,
     read_csv,
     render,
@@ -139,6 +140,17 @@ def test_claim4_needs_decided_cells() -> None:
     assert claim4(Study.of(sim({"dpa": {0, 1}, "ea": {0, 1, 2}})), "ea").state == "supported"
     assert claim4(Study.of(sim({"dpa": {0, 1}, "ea": {0, 1, 2}}, seeds=range(3))), "ea").state == "undetermined"
     assert claim4(Study.of(sim({"dpa": {0, 1, 2}, "ea": {0, 1}})), "ea").state == "contradicted"
+    # DPA solved every rung run: its limit was never reached, so nothing contradicts the claim
+    assert claim4(Study.of(sim({"dpa": {0, 1, 2, 3}, "ea": {0, 1}})), "ea").state == "undetermined"
+
+
+def test_a_rung_not_run_is_not_an_unsolved_rung() -> None:
+    trials = sim({"dpa": {0, 1}, "ea": {0, 1}})
+    trials = [t for t in trials if not (t.kind == "ea" and t.seed == 4 and t.rung == 3)]  # one trial missing
+    study = Study.of(trials)
+    assert study.complete(["ea"], "d16_l1_h2", False) == [0, 1, 2, 3]
+    assert study.mean_highest("ea", "d16_l1_h2", False) == 1.0
+    assert paired(study, "ea", "d16_l1_h2").rung_margin == (0.0, 0.0, 0.0)
 
 
 def test_budget_rule_sees_a_moving_dpa_frontier() -> None:
