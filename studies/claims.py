@@ -338,7 +338,7 @@ def paired(study: Study, kind: str, size: str) -> Paired:
     wins = losses = pairs = 0
     per_seed, per_seed_rung, any_solved = [], [], False
     for s in study.seeds:
-        diff = 0
+        diff, seen = 0, False
         for _, p, _ in study.points:
             a, b = study.outcome(kind, size, p, s), study.outcome(REFERENCE, size, p, s)
             if a is None or b is None:
@@ -348,7 +348,9 @@ def paired(study: Study, kind: str, size: str) -> Paired:
             losses += b and not a
             diff += int(a) - int(b)
             any_solved |= a or b
-        per_seed.append(float(diff))
+            seen = True
+        if seen:
+            per_seed.append(float(diff))
         if s in study.complete([kind, REFERENCE], size, False):
             per_seed_rung.append(float(study.highest(kind, size, s, False) - study.highest(REFERENCE, size, s, False)))
     return Paired(
@@ -358,7 +360,7 @@ def paired(study: Study, kind: str, size: str) -> Paired:
         losses,
         pairs,
         exact_mcnemar(wins, losses),
-        mean_ci(per_seed),
+        mean_ci(per_seed) if per_seed else (0.0, None, None),
         mean_ci(per_seed_rung) if per_seed_rung else None,
         any_solved,
     )
