@@ -388,7 +388,7 @@ def growth(study: Study, kind: str, multi: bool) -> Growth | None:
 
     Per (size, scoring seed): mean(EA - DPA solved) on the harder half of the ladder's rungs minus
     the same on the easier half (the middle rung of an odd ladder is left out). None for a ladder
-    of fewer than two rungs.
+    of fewer than two rungs, or without a (size, seed) that has pairs in both halves.
     """
     rungs = [p for _, p, m in study.points if m == multi]
     if len(rungs) < 2:
@@ -396,16 +396,23 @@ def growth(study: Study, kind: str, multi: bool) -> Growth | None:
     half = len(rungs) // 2
     easy, hard = rungs[:half], rungs[-half:]
 
-    def margin(part: list[str], size: str, seed: int) -> float:
+    def margin(part: list[str], size: str, seed: int) -> float | None:
         d = [
             int(a) - int(b)
             for p in part
             if (a := study.outcome(kind, size, p, seed)) is not None
             and (b := study.outcome(REFERENCE, size, p, seed)) is not None
         ]
-        return statistics.fmean(d) if d else 0.0
+        return statistics.fmean(d) if d else None
 
-    units = [margin(hard, size, s) - margin(easy, size, s) for size in study.sizes for s in study.seeds]
+    units = []
+    for size in study.sizes:
+        for s in study.seeds:
+            h, e = margin(hard, size, s), margin(easy, size, s)
+            if h is not None and e is not None:  # a unit needs pairs in both halves
+                units.append(h - e)
+    if not units:
+        return None
     return Growth(units, mean_ci(units), sign_test(units))
 
 
@@ -480,7 +487,7 @@ def claim3(study: Study, kind: str) -> Verdict:
         g = growth(study, kind, multi)
         name = "multi-task" if multi else "single-task"
         if g is None:
-            parts.append(f"{name}: one rung, no trend")
+            parts.append(f"{name}: no trend (fewer than two rungs, or no (size, seed) with pairs in both halves)")
             states.append("undetermined")
             continue
         parts.append(f"{name}: {_ci(g.mean)}, {g.ups} up / {g.downs} down of {len(g.units)}, p={g.p_value:.2g}")
@@ -535,7 +542,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 CLAIMS = {
-    "1": ("EA costs no more compute than DPA", None),
+    "1": ("EA costs no more compute or memory than DPA", None),
     "2": ("EA performs at least as well as DPA", claim2),
     "3": ("EA's advantage grows with complexity, multi-task included", claim3),
     "4": ("EA reaches 100% where DPA cannot, same size", claim4),
