@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from studies.report import REPORT_VERSION
 from tests.integration.helpers import Server, child_runs, driver_env, kill_tree, wait_for
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def test_submit_poll_frontier_report_and_csv(server: Server) -> None:
     assert sum(done["progress"]["counts"].values()) == 4
 
     frontier = httpx.get(f"{server.url}/studies/{study['id']}/frontier", timeout=60).json()
-    assert frontier["report_version"] == 1
+    assert frontier["report_version"] == REPORT_VERSION
     assert {c["kind"] for c in frontier["cells"]} == {"dpa", "ea"}
     html = httpx.get(f"{server.url}/studies/{study['id']}/report", timeout=120)
     assert html.status_code == 200 and "<img" in html.text
