@@ -14,6 +14,8 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 from scipy.stats import binomtest
 
+from workers.evaluation import wilson_interval
+
 CONFIDENCE = 0.95  # two-sided, for every interval and decision
 SOLVED_AT = 0.5  # a cell is solved when its success rate is above this with confidence
 ALPHA = 0.05  # paired tests: a difference is detected at p < ALPHA (Holm-adjusted across kind pairs)
@@ -21,19 +23,6 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # fixed: equal records give equal reports
 
 Decision = Literal["solved", "unsolved", "undetermined"]
-
-
-@lru_cache(maxsize=4096)  # scipy computes a p-value too: slow, and reports ask for the same counts often
-def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (scipy's ``binomtest(...).proportion_ci``).
-
-    Raises:
-        ValueError: if ``n`` is not positive or ``successes`` is outside ``0..n``.
-    """
-    if n <= 0 or not 0 <= successes <= n:
-        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got {successes=}, {n=}")
-    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def decide(successes: int, n: int) -> Decision:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 from torch import Tensor
 
 from workers.tasks import ENUMERATE_LIMIT, Batch, TaskMix, all_states, draw_held_out, make_batch, pool_size, unroll
@@ -48,14 +49,21 @@ def required_tokens(threshold: float) -> int:
     return math.ceil(Z95**2 * p / (RESOLUTION**2 * (1 - p)))
 
 
-def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (stays inside [0, 1], sensible at 0 and n errors)."""
+@functools.lru_cache(maxsize=4096)  # scipy computes a p-value too; reports ask for the same counts often
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy's ``binomtest(...).proportion_ci``); (0, 1) when n is 0.
+
+    The one implementation: the trainers' accuracy intervals and the report's success rates use it.
+
+    Raises:
+        ValueError: if ``successes`` is outside ``0..n``.
+    """
+    if not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes=}, {n=}")
     if n <= 0:
         return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def sequences_per_member(mix: TaskMix, context_length: int, threshold: float, minimum: int = 0) -> int:
