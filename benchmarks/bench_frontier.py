@@ -38,7 +38,7 @@ from ray.tune.search import Searcher
 from studies.records import TrialRecord, read_records
 from studies.report import Report, build_report
 from studies.spec import StudySpec
-from workers.search import FrontierSearch, make_cell
+from workers.search import FrontierSearch, grid_cells
 
 RUNGS = [[[5, 1]], [[7, 1]], [[7, 2]], [[11, 2]], [[13, 2]], [[13, 3]], [[17, 3]], [[19, 4]], [[23, 4]], [[29, 4]]]
 SIZES = [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2}]
@@ -125,14 +125,7 @@ def simulate(ladder: Ladder, cell: dict[str, Any], salt: int) -> TrialRecord:
 
 def grid_records(ladder: Ladder, salt: int) -> list[TrialRecord]:
     spec = ladder.spec
-    return [
-        simulate(ladder, make_cell(spec, kind, si, pi, lr, seed), salt)
-        for si in range(len(spec.model.all_sizes()))
-        for pi in range(len(spec.task.points()))
-        for lr in spec.hparams.lr.grid_values()
-        for seed in spec.seeds
-        for kind in spec.attention
-    ]
+    return [simulate(ladder, cell, salt) for cell in grid_cells(spec)]
 
 
 def search_records(

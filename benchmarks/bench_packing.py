@@ -165,7 +165,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     from workers.callbacks import trial_config
     from workers.driver import fixed_config
     from workers.packing import max_members, plan_packs
-    from workers.search import make_cell
+    from workers.search import grid_cells
 
     walls: dict[str, list[float]] = {"auto": [], "off": []}
     outcomes: dict[str, list[tuple[str, str, str]]] = {}
@@ -182,14 +182,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
                 )
     # The bare loop: the same packs, run_pack one after another, no Ray/MLflow/checkpoints/status.
     spec = StudySpec.from_file(QUICKSTART)
-    cells = [
-        make_cell(spec, kind, si, pi, lr, seed)
-        for si in range(len(spec.model.all_sizes()))
-        for pi in range(len(spec.task.points()))
-        for lr in spec.hparams.lr.grid_values()
-        for seed in spec.seeds
-        for kind in spec.attention
-    ]
+    cells = grid_cells(spec)
     fixed = fixed_config(spec)
     packs = plan_packs(cells, max_members(spec), spec.max_concurrent)
     bare = []

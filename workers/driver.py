@@ -41,7 +41,7 @@ from workers import tracking
 from workers.callbacks import StudyCallback, fixed_config, trial_config
 from workers.packing import max_members, plan_packs, train_pack
 from workers.provenance import git_sha, versions
-from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, make_cell
+from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, grid_cells
 from workers.tasks import GENERATOR_VERSION
 from workers.trial import run_trial
 
@@ -121,14 +121,7 @@ def build_tuner(
     num_samples = 1
     method = spec.search.method
     if method == "grid":
-        cells = [
-            make_cell(spec, kind, si, pi, lr, seed)
-            for si in range(len(spec.model.all_sizes()))
-            for pi in range(len(spec.task.points()))
-            for lr in spec.hparams.lr.grid_values()
-            for seed in spec.seeds
-            for kind in spec.attention
-        ]
+        cells = grid_cells(spec)
         limit = max_members(spec)
         if limit > 1:
             param_space["pack"] = tune.grid_search(plan_packs(cells, limit, spec.max_concurrent))

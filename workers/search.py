@@ -42,6 +42,18 @@ def make_cell(spec: StudySpec, kind: str, size_idx: int, point_idx: int, lr: flo
     }
 
 
+def grid_cells(spec: StudySpec) -> list[Cell]:
+    """Every trial of the full grid (size x point x lr x seed x kind), twins of a cell adjacent."""
+    return [
+        make_cell(spec, kind, si, pi, lr, seed)
+        for si in range(len(spec.model.all_sizes()))
+        for pi in range(len(spec.task.points()))
+        for lr in spec.hparams.lr.grid_values()
+        for seed in spec.seeds
+        for kind in spec.attention
+    ]
+
+
 def frontier_score(coords: list[int], solved: bool, acc: float | None) -> float:
     """Optuna's objective: solved points score 1 + their complexity rank, unsolved ones their accuracy (< 1)."""
     if solved:
