@@ -244,7 +244,7 @@ def test_study_runs_as_ray_job_on_both_nodes_and_logs_to_the_mlflow_server(stack
         job = cluster.job(sid)
         assert job["submission_id"] == sid
         assert job["status"] == "SUCCEEDED", job
-        assert job["entrypoint"] == f"python -m workers.driver {sid}"
+        assert job["entrypoint"] == f"python -m workers.driver {sid} --attempt 0"
         assert job["metadata"].get("ladder.study_id") == sid
         assert job["driver_node_id"] == cluster.head.node_id
         assert final["links"]["ray_job"] == f"{cluster.dashboard}/#/jobs/{sid}"
@@ -308,11 +308,13 @@ def test_worker_node_lost_mid_study_trials_retry_and_study_finishes(stack: Stack
         assert final["state"] == "finished", f"{final}\n{stack.diagnostics(sid)}"
         items = _check_records_and_mlflow(stack, final, planned)
 
-        # the lost trial was retried by Tune (FailureConfig) from its checkpoint and finished elsewhere
-        lost = [t for t in items if f"_{t['trial_id']}_" in victim["dir"]]
-        assert len(lost) == 1, (victim, [t["trial_id"] for t in items])
+        # the lost trial (a pack: one record per member, ids "<tune id>.m<i>") was retried by Tune
+        # (FailureConfig) from its checkpoint and finished elsewhere
+        lost = [t for t in items if f"_{t['trial_id'].rsplit('.m', 1)[0]}_" in victim["dir"]]
+        assert lost, (victim, [t["trial_id"] for t in items])
+        assert len({t["trial_id"] for t in lost}) == len(lost)  # each member recorded once
+        assert {t["node_id"] for t in lost} <= {cluster.head.node_id, replacement.node_id}
         rec = lost[0]
-        assert rec["node_id"] in {cluster.head.node_id, replacement.node_id}
         error_file = storage / victim["dir"] / "error.txt"
         assert error_file.exists() and "Failure # 1" in error_file.read_text(), list(
             (storage / victim["dir"]).iterdir()
