@@ -44,7 +44,11 @@ class StudyPublic(BaseModel):
     attempts: int
     error: str | None = None
     progress: Progress
-    frontier: dict[str, Any] = Field(default={}, description="best solved point so far per kind and model size")
+    frontier: dict[str, Any] = Field(
+        default={},
+        description="per kind and model size, the frontier so far: certainly and possibly solved points, "
+        "[certain, possible] rungs, whether it is determined, undetermined cells",
+    )
     mlflow: dict[str, str] = {}
     links: Links
 

@@ -14,6 +14,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from studies.records import OUTCOMES, TrialRecord, append_record, read_records
+from studies.report import build_report, frontier_text
 from studies.settings import Settings
 from studies.spec import StudySpec
 from studies.studydir import RECORDS, update_status
@@ -75,21 +76,30 @@ def classify_error(trial: Trial) -> str:
 
 
 def frontier_summary(spec: StudySpec, records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
-    """Best solved coordinates so far per kind and size (a quick view for progress)."""
+    """The frontier so far per kind and size, decided as the report decides it (``studies.stats.decide``).
+
+    Each lane gives the points certainly solved and possibly solved (solved or undetermined),
+    on a ladder the interval [highest rung certainly solved, highest possibly solved], whether
+    that frontier is determined, and how many of its cells are still undetermined.
+    """
+    report = build_report(spec, records)
     out: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r.status == "solved":
-            cur = out.setdefault(r.kind, {}).get(r.size_name)
-            if cur is None or sum(r.coords) > sum(cur["coords"]):
-                out[r.kind][r.size_name] = {"coords": r.coords, "point": r.point}
+    for f in report.frontier:
+        out.setdefault(f.kind, {})[f.size] = {
+            "text": frontier_text(report, f),
+            "determined": f.determined,
+            "highest_rung": f.highest_rung,
+            "highest_possible_rung": f.highest_possible_rung,
+            "solved": [p.name for p in f.points],
+            "possible": [p.name for p in f.possible_points],
+            "undetermined": f.n_undetermined,
+        }
     return out
 
 
 def _short(records: list[TrialRecord], spec: StudySpec) -> str:
     s = frontier_summary(spec, records)
-    return " ".join(
-        f"{k}:{max((sum(v['coords']) for v in s[k].values()), default=-1)}" for k in spec.attention if k in s
-    )
+    return " ".join(f"{k}:" + "|".join(v["text"] for v in s[k].values()) for k in spec.attention if k in s)
 
 
 class StudyCallback(Callback):

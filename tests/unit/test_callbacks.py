@@ -1,9 +1,10 @@
-"""A trial's resolved config: the study's fixed settings, resolved per attention kind."""
+"""A trial's resolved config per attention kind, and the progress view of the frontier."""
 
 from __future__ import annotations
 
+from studies.records import TrialRecord
 from studies.spec import StudySpec
-from workers.callbacks import fixed_config, trial_config
+from workers.callbacks import fixed_config, frontier_summary, trial_config
 from workers.search import make_cell
 
 SPEC = StudySpec.model_validate(
@@ -33,3 +34,39 @@ def test_each_kind_gets_its_own_settings_and_the_shared_ones():
         assert (cfg.positional, cfg.grad_clip_mode, cfg.eps, cfg.holdout) == ("rotary", "split", 1e-4, "fresh")
         assert cfg.model_config().positional == "rotary"
     assert cfgs["ea_norm"].qkv_init_std == dpa.qkv_init_std  # defaults where the spec says nothing
+
+
+def _rec(spec: StudySpec, point: int, seed: int, solved: bool) -> TrialRecord:
+    cell = make_cell(spec, "dpa", 0, point, 1e-3, seed)
+    return TrialRecord(
+        study_id=spec.name,
+        trial_id=f"t{point}-{seed}",
+        kind="dpa",
+        **cell["size"],
+        point=cell["point"],
+        coords=cell["coords"],
+        seed=seed,
+        lr=1e-3,
+        status="solved" if solved else "unsolved",
+        eval_acc=1.0 if solved else 0.3,
+        steps=100,
+    )
+
+
+def test_progress_frontier_shows_one_seed_as_undetermined_and_four_agreeing_seeds_as_decided():
+    spec = StudySpec.model_validate(
+        {
+            "name": "progress",
+            "attention": ["dpa"],
+            "task": {"ladder": [[[7, 2]], [[13, 2]]]},
+            "model": {"sizes": [{"d_model": 16, "n_layers": 1, "n_heads": 2}]},
+            "seeds": [0, 1, 2, 3],
+        }
+    )
+    one = frontier_summary(spec, [_rec(spec, 0, 0, True), _rec(spec, 1, 0, False)])["dpa"]["d16_l1_h2"]
+    assert one["determined"] is False and one["highest_rung"] is None and one["highest_possible_rung"] == 1
+    assert one["solved"] == [] and one["undetermined"] == 2 and one["text"].startswith("[none, 1]")
+    four = [_rec(spec, p, s, p == 0) for p in (0, 1) for s in range(4)]
+    lane = frontier_summary(spec, four)["dpa"]["d16_l1_h2"]
+    assert lane["determined"] is True and (lane["highest_rung"], lane["highest_possible_rung"]) == (0, 0)
+    assert lane["solved"] == ["N7_T2"] and lane["undetermined"] == 0 and lane["text"] == "0 N7_T2"
