@@ -13,7 +13,7 @@ Ray, each in its own driver process; ``--replay STUDY_DIR`` runs the search on a
 real grid study's recorded trials (each trial the search asks for is the recorded one).
 
     .venv/bin/python -m benchmarks.bench_frontier --repeats 20
-    .venv/bin/python -m benchmarks.bench_frontier --repeats 5 --real studies/quickstart.yaml
+    .venv/bin/python -m benchmarks.bench_frontier --repeats 0 --real studies/quickstart.yaml --seeds 4 --keep DIR
     .venv/bin/python -m benchmarks.bench_frontier --repeats 0 --replay ladder-data/studies/quickstart-1a2b3c4d
 """
 
@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,10 +160,15 @@ def compare(grid: Report, search: Report) -> dict[str, Any]:
         if g.determined:
             total += 1
             agree += s.determined and s.highest_rung == g.highest_rung
-    contradictions = sum(
-        {c.state, search.cell(c.kind, c.size, c.point).state} == {"solved", "unsolved"} for c in grid.cells
-    )
-    return {"determined_in_grid": total, "same_in_search": agree, "contradictions": contradictions}
+    decided = {"solved", "unsolved"}
+    contradictions = sum({c.state, search.cell(c.kind, c.size, c.point).state} == decided for c in grid.cells)
+    return {
+        "determined_in_grid": total,
+        "same_in_search": agree,
+        "cells_decided_grid": sum(c.state in decided for c in grid.cells),
+        "cells_decided_search": sum(c.state in decided for c in search.cells),
+        "contradictions": contradictions,
+    }
 
 
 def run_simulated(ladder: Ladder, salt: int, concurrency: int) -> dict[str, Any]:
@@ -185,10 +191,16 @@ def run_real(spec: StudySpec, method: str, data_dir: Path) -> list[TrialRecord]:
         "spec = StudySpec.model_validate_json(sys.stdin.read()); sid = prepare_study(spec); "
         "print('STUDY', sid, run_study(sid))"
     )
+    load, t0 = os.getloadavg()[0], time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], input=s.to_json(), env=env, capture_output=True, text=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("STUDY ")), None)
     if line is None:
         raise RuntimeError(out.stderr[-3000:])
+    print(
+        f"  {method}: study {line.split()[1]} in {data_dir}, {time.monotonic() - t0:.0f} s wall, "
+        f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end",
+        flush=True,
+    )
     return read_records(data_dir / "studies" / line.split()[1] / "trials.jsonl")
 
 
@@ -216,6 +228,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=20, help="salts per simulated ladder (medians over them)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
+    p.add_argument("--seeds", type=int, help="--real: run the spec with seeds 0..N-1 instead of its own")
+    p.add_argument("--keep", help="--real: keep both studies' data directories under this directory")
     p.add_argument("--replay", help="a finished grid study directory: run the search on its recorded trials")
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
@@ -242,9 +256,12 @@ def main() -> int:
         )
     if args.real:
         spec = StudySpec.from_file(args.real)
-        with tempfile.TemporaryDirectory() as d:
-            g = run_real(spec, "grid", Path(d) / "grid")
-            s = run_real(spec, "frontier", Path(d) / "frontier")
+        if args.seeds:
+            spec = StudySpec.model_validate(spec.model_dump() | {"seeds": list(range(args.seeds))})
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(args.keep or tmp)
+            g = run_real(spec, "grid", d / "grid")
+            s = run_real(spec, "frontier", d / "frontier")
         cmp = compare(build_report(spec, g), build_report(spec, s))
         ratio = sum(r.cpu_s for r in s) / max(1e-9, sum(r.cpu_s for r in g))
         raw["real"] = {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": ratio, **cmp}
