@@ -325,8 +325,9 @@ class Search(_Strict):
     sampler_seed: int = 0
     objective: Literal["frontier", "margin"] = Field(
         default="frontier",
-        description="optuna: 'frontier' maximises each kind's reach (one objective per kind, fewer parameters "
-        "preferred); 'margin' maximises the second kind's paired success over the first kind's",
+        description="optuna: 'frontier' maximises, per kind, the highest rung solved at a pick (its rung when at "
+        "least half its seeds solve it, else accuracy - 1), with fewer parameters preferred, so the Pareto front is "
+        "the highest rung per kind and size; 'margin' maximises the second kind's paired success over the first's",
     )
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ per seed), so all kinds get the same points, seeds, data streams and budget.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import warnings
 from collections import defaultdict
@@ -18,7 +19,7 @@ from scipy.optimize import isotonic_regression
 
 from studies.records import OUTCOMES, trial_key
 from studies.spec import StudySpec
-from studies.stats import decide, seeds_to_decide
+from studies.stats import SOLVED_AT, decide, seeds_to_decide
 from workers.model import ModelConfig, count_parameters
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,22 @@ def frontier_score(coords: list[int], solved: bool, acc: float | None) -> float:
     return float(acc or 0.0) * 0.999
 
 
+def highest_rung_value(rung: float, outcomes: list[dict[str, Any]]) -> float:
+    """Optuna's ``frontier`` objective for one kind at one pick: the highest rung it solved there.
+
+    The pick's seeds solve its rung when at least half of them do (the point estimate: Optuna
+    steers, the report decides with confidence): the value is then the rung itself. Otherwise
+    no rung is solved at this pick, and the value is the mean accuracy minus 1, in [-1, 0): below
+    every solved rung, and higher the nearer the seeds came. Maximised with the parameter count
+    minimised, the Pareto front holds, per size, the highest rung each kind solved.
+    """
+    solved = sum(r.get("status") == "solved" for r in outcomes)
+    if solved >= SOLVED_AT * len(outcomes):
+        return rung
+    accs = [float(a) for r in outcomes if isinstance(a := r.get("eval_acc"), int | float) and math.isfinite(a)]
+    return (sum(accs) / len(outcomes) if accs else 0.0) - 1.0
+
+
 class _PicklingSearcher(Searcher):
     """Save and restore the whole searcher state (Tune checkpoints it with the experiment)."""
 
@@ -79,8 +96,9 @@ class PairedOptunaSearch(_PicklingSearcher):
     Size and point are ordered integer indices. A pick is never run twice: a repeat is told to
     Optuna as pruned (user attribute ``ladder.repeat_of``) and Optuna is asked again. When a
     pick's twins have all finished, Optuna is told what the user asked for
-    (``search.objective``): ``frontier``, one objective per kind (its mean frontier score over
-    seeds, maximised) and the parameter count (minimised); ``margin``, the second kind's
+    (``search.objective``): ``frontier``, one objective per kind, the highest rung it solved at
+    the pick (``highest_rung_value``, maximised), and the parameter count (minimised), so the
+    Pareto front gives the highest rung per kind and size; ``margin``, the second kind's
     paired success rate minus the first kind's. A pick without any outcome is told FAIL. Only
     Optuna's public ask/tell API is used; the study lives in the given RDB storage.
     """
@@ -118,7 +136,7 @@ class PairedOptunaSearch(_PicklingSearcher):
     def metric_names(self) -> list[str]:
         """The objectives by name (shown by optuna-dashboard)."""
         kinds = self.spec.attention
-        return ["margin"] if self.spec.search.objective == "margin" else [f"score_{k}" for k in kinds] + ["n_params"]
+        return ["margin"] if self.spec.search.objective == "margin" else [f"rung_{k}" for k in kinds] + ["n_params"]
 
     @property
     def study(self) -> optuna.Study:
@@ -194,12 +212,13 @@ class PairedOptunaSearch(_PicklingSearcher):
                 return None
             solved = {k: [outcome[(k, s)]["status"] == "solved" for s in seeds] for k in (ref, kind)}
             return [(sum(solved[kind]) - sum(solved[ref])) / len(seeds)]
+        rung = float(sum(done[0][0]["coords"]))  # every twin of a pick is at the same point
         per_kind = []
         for k in kinds:
-            scores = [float(r["score"]) for (kk, _), r in outcome.items() if kk == k and "score" in r]
-            if not scores:
+            mine = [r for (kk, _), r in outcome.items() if kk == k]
+            if not mine:
                 return None
-            per_kind.append(sum(scores) / len(scores))
+            per_kind.append(highest_rung_value(rung, mine))
         n_params = next((r["n_params"] for r in outcome.values() if r.get("n_params")), None)
         return None if n_params is None else [*per_kind, float(n_params)]
 

@@ -37,7 +37,7 @@ def test_optuna_dashboard_lists_the_study_with_named_objectives_and_ladder_links
         assert [s["study_name"] for s in studies] == ["ladder-study-1"]
         detail = client.get(f"/api/studies/{studies[0]['study_id']}").raise_for_status().json()
         assert client.get("/dashboard").status_code == 200
-    assert detail["objective_names"] == [f"score_{k}" for k in PAIRED.attention] + ["n_params"]
+    assert detail["objective_names"] == [f"rung_{k}" for k in PAIRED.attention] + ["n_params"]
     assert {p["name"] for p in detail["intersection_search_space"]} == {"size_idx", "point_idx", "lr"}
     trials = detail["trials"]
     assert [t["state"] for t in trials] == ["Complete", "Complete"]

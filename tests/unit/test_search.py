@@ -12,7 +12,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from studies.spec import StudySpec
-from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score
+from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, highest_rung_value
 
 FINISHED = Searcher.FINISHED
 SIZES = [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2}]
@@ -357,23 +357,35 @@ def test_paired_pick_runs_every_kind_and_seed_on_one_config(storage: str) -> Non
             assert 1e-4 <= c["lr"] <= 1e-2
 
 
-def final(score: float, status: str, n_params: int = 1234) -> dict[str, Any]:
-    return {"final": True, "status": status, "score": score, "n_params": n_params, "solved": status == "solved"}
+def final(score: float, status: str, n_params: int = 1234, eval_acc: float | None = None) -> dict[str, Any]:
+    acc = eval_acc if eval_acc is not None else 1.0 if status == "solved" else 0.5
+    return {
+        "final": True,
+        "status": status,
+        "score": score,
+        "n_params": n_params,
+        "solved": status == "solved",
+        "eval_acc": acc,
+    }
 
 
-def test_paired_tells_optuna_each_kinds_score_and_the_size_after_the_last_twin(storage: str) -> None:
+def test_paired_tells_optuna_each_kinds_highest_rung_and_the_size_after_the_last_twin(storage: str) -> None:
     search = PairedOptunaSearch(PAIRED, storage, "paired")
     got = take(search, TWINS)
-    scores = {("dpa", 0): 1.0, ("ea", 0): 3.0, ("dpa", 1): 0.5, ("ea", 1): 2.5}
+    rung = got[0][1]["coords"][0]
+    solved = {("dpa", 0): False, ("ea", 0): True, ("dpa", 1): False, ("ea", 1): False}
+    accs = {("dpa", 0): 0.6, ("dpa", 1): 0.8, ("ea", 1): 0.98}
     for trial_id, cell in got[:-1]:
-        score = scores[(cell["kind"], cell["seed"])]
-        search.on_trial_complete(trial_id, final(score, "solved" if score > 1 else "unsolved"))
+        key = (cell["kind"], cell["seed"])
+        search.on_trial_complete(trial_id, final(0.0, "solved" if solved[key] else "unsolved", eval_acc=accs.get(key)))
         assert study(storage).get_trials()[0].state == optuna.trial.TrialState.RUNNING
     last_id, last = got[-1]
-    search.on_trial_complete(last_id, final(scores[(last["kind"], last["seed"])], "solved"))
+    key = (last["kind"], last["seed"])
+    search.on_trial_complete(last_id, final(0.0, "solved" if solved[key] else "unsolved", eval_acc=accs.get(key)))
     done = study(storage).get_trials()[0]
     assert done.state == optuna.trial.TrialState.COMPLETE
-    assert done.values == [pytest.approx(0.75), pytest.approx(2.75), 1234], "one objective per kind, not their mean"
+    # ea solved the rung on half its seeds: it reached that rung; dpa on none: mean accuracy - 1
+    assert done.values == [pytest.approx(0.7 - 1), rung, 1234], "one objective per kind, not their mean"
     assert done.user_attrs["ladder.size"] == PAIRED.model.all_sizes()[done.params["size_idx"]].name
     assert done.user_attrs["ladder.pick"] == "pick00000"
     assert {k for k in done.user_attrs if k.startswith("ladder.trial.")} == {
@@ -497,3 +509,32 @@ def test_harder_solved_points_score_higher() -> None:
 
 def test_unsolved_points_rank_by_accuracy() -> None:
     assert frontier_score([0], False, 0.9) > frontier_score([0], False, 0.5) > frontier_score([0], False, None)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "accs", "value"),
+    [
+        (["solved", "solved", "solved"], [1.0, 1.0, 1.0], 4.0),
+        (["solved", "solved", "unsolved"], [1.0, 1.0, 0.9], 4.0),
+        (["solved", "unsolved", "unsolved"], [1.0, 0.9, 0.9], pytest.approx(0.9333 - 1, abs=1e-4)),
+        (["unsolved", "unsolved"], [0.5, float("nan")], -0.75),
+    ],
+)
+def test_frontier_objective_is_the_rung_when_most_seeds_solve_it_else_below_every_rung(
+    statuses: list[str], accs: list[float], value: Any
+) -> None:
+    outcomes = [{"status": s, "eval_acc": a} for s, a in zip(statuses, accs, strict=True)]
+    assert highest_rung_value(4.0, outcomes) == value
+
+
+def test_frontier_objective_prefers_a_rung_the_seeds_solve_to_a_higher_one_solved_once() -> None:
+    """The old objective (the mean per-seed score, 1 + rung or accuracy) ranked a harder rung solved
+    on 1 of 3 seeds above an easier one solved on all three; the highest rung solved does not."""
+    once = [{"status": "solved", "eval_acc": 1.0}] + [{"status": "unsolved", "eval_acc": 0.95}] * 2
+    always = [{"status": "solved", "eval_acc": 1.0}] * 3
+    old = [
+        sum(frontier_score([r], o["status"] == "solved", o["eval_acc"]) for o in os) / 3
+        for r, os in ((7, once), (1, always))
+    ]
+    assert old[0] > old[1]
+    assert highest_rung_value(7.0, once) < 0 <= highest_rung_value(0.0, always) < highest_rung_value(1.0, always)
