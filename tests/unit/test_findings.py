@@ -15,7 +15,7 @@ DATA = ROOT / "docs" / "data"
 def test_findings_document_matches_its_data() -> None:
     text = DOC.read_text()
     for name in ("claims", "frontier", "paired", "budget", "compute"):
-        assert f"<!-- claims:paper-cpu:{name} -->" in text
+        assert f"<!-- claims:paper:{name} -->" in text
     assert "<!-- claims:paper:geometry -->" in text
     for dataset in datasets(text):
         assert (DATA / f"{dataset}-trials.csv").exists() or (DATA / f"{dataset}-geometry.json").exists(), dataset
