@@ -15,7 +15,6 @@ from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
-from scipy.optimize import isotonic_regression
 
 from studies.records import OUTCOMES, trial_key
 from studies.spec import StudySpec
@@ -260,18 +259,25 @@ class PairedOptunaSearch(_PicklingSearcher):
 class FrontierSearch(_PicklingSearcher):
     """Boundary search: settle each (kind, size) frontier with as few trials as the decisions allow.
 
-    Seeds are pooled per cell (kind, size, point); the first probe of a cell runs all kinds (and
-    every lr) on the same seeds, so kinds stay paired, and more seeds go only to kinds whose
-    cell is still undetermined. Per lane (a size and, on a grid, the other axes)
-    and kind, the boundary lies between the highest rung solved with confidence and the lowest
-    unsolved one above it (``studies.stats.decide``, the report's rule); rungs are inferred from
-    monotonicity until the data contradict it (a confident hole), after which that lane is
-    scanned rung by rung. The next probe is the open rung whose monotone estimate of P(solved)
-    is nearest 0.5 (bisection on a fresh lane); a bigger model starts at the smaller one's
-    boundary. A probe adds just enough seeds that the cell could be decided, and only to cells
-    still undetermined. Failed, OOM, preempted, diverged and early-stopped trials are censored:
-    retried up to ``max_retries`` times on the same seed, never counted as unsolved. With
-    ``verify``, a settled lane is checked at its easiest rung (a hole there turns it to scanning).
+    Seeds are pooled per cell (kind, size, point). A cell's first probe runs every kind (and every
+    lr) on the same seed, so kinds stay paired; more seeds go only to kinds whose cell is still
+    undetermined. Per lane (a size and, on a grid, the other axes) and kind, the search steers on
+    point estimates and decides only where the report needs a decision (``studies.stats.decide``,
+    the report's rule): the highest rung solved and the rung above it. A probe is one seed: a
+    solved trial stops early, so probing below the boundary is cheap, while any probed rung above
+    it has to be settled unsolved on several full-budget seeds. So a lane walks up one rung at a
+    time from its highest likely-solved rung (a bigger model starts at the smaller one's; a fresh
+    lane at the middle rung, bisecting down from a failure), then adds seeds to the two cells at
+    the boundary until both are decided. Seeds come in the smallest batch that could decide a cell,
+    one at a time once its outcomes disagree, and stop when the remaining seeds could not decide
+    it (the grid could not either); the walk then goes past such a rung to the next one that can
+    be settled unsolved. Rungs above a rung settled unsolved are inferred unsolved until the data
+    contradict monotonicity: a confident hole (a rung settled unsolved below one settled solved;
+    a failure below the boundary is given seeds to tell a hole from noise) turns the lane to
+    scanning every rung above its highest solved one. With ``verify``, a lane is checked with one
+    seed at its easiest rung, where a hole shows itself cheaply. Failed, OOM, preempted, diverged
+    and early-stopped trials are censored: retried up to ``max_retries`` times on the same seed,
+    never counted as unsolved. With too few seeds to decide any cell, it runs the whole grid.
 
     ``next_cells(k)`` hands out up to k trial cells at once (a pack); ``record(cell, result)``
     tells the searcher one cell's result. ``suggest`` / ``on_trial_complete`` wrap them for Tune.
@@ -298,6 +304,8 @@ class FrontierSearch(_PicklingSearcher):
         self.queue: list[Cell] = []
         self.cell_of: dict[str, Cell] = {}
         self.n_suggested = 0
+        # no cell can be decided on this many seeds: nothing to steer by, so the grid is the search
+        self.whole_grid = seeds_to_decide(0, 0, max_extra=len(spec.seeds)) is None
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
@@ -337,45 +345,6 @@ class FrontierSearch(_PicklingSearcher):
         hi = min((u for u in unsolved if u > lo), default=self.length)
         return lo, hi, monotone
 
-    def _open_rungs(self, kind: str, si: int, rest: tuple[int, ...]) -> list[int]:
-        states = self._states(kind, si, rest)
-        lo, hi, monotone = self.lane_status(kind, si, rest)
-        if monotone:
-            open_ = [r for r in range(lo + 1, hi) if (*rest, r) in self.index]
-            if open_:
-                return open_
-            # settled: cells probed on the way that are still undetermined get seeds too, so the
-            # report (which infers nothing) can call the boundary determined
-            open_ = [r for r, st in enumerate(states) if st == "undetermined"]
-            if open_ or not self.verify:
-                return open_
-            # settled if monotone: check the easiest rung, where a hole shows itself cheaply (solved
-            # trials stop early); a contradiction turns the lane to scanning. A jump above an unsolved
-            # rung is not looked for: every check there costs the full budget (the grid finds those).
-            return [r for r in (0,) if r < lo and (*rest, r) in self.index and states[r] not in ("solved", "unsolved")]
-        return [r for r, st in enumerate(states) if st not in ("solved", "unsolved") and (*rest, r) in self.index]
-
-    def _estimate(self, kind: str, si: int, rest: tuple[int, ...], open_: list[int]) -> dict[int, float]:
-        """P(solved) per open rung: observed rates shrunk toward a straight line from the solved side
-        (1) to the unsolved side (0), made non-increasing by weighted PAVA."""
-        lo, hi, _ = self.lane_status(kind, si, rest)
-        rates, weights = [], []
-        for r in open_:
-            k, n = self._counts(kind, si, self.index[(*rest, r)])
-            prior = (hi - r) / (hi - lo) if hi > lo else 0.5
-            rates.append((k + prior) / (n + 1))
-            weights.append(n + 1.0)
-        fit = isotonic_regression(rates, weights=weights, increasing=False).x
-        return {r: float(p) for r, p in zip(open_, fit, strict=True)}
-
-    def _start_rung(self, kind: str, si: int, rest: tuple[int, ...]) -> int | None:
-        """A fresh lane of a bigger model starts at the next smaller model's boundary."""
-        pos = self.size_order.index(si)
-        if pos == 0:
-            return None
-        lo, _, _ = self.lane_status(kind, self.size_order[pos - 1], rest)
-        return lo if lo >= 0 else None
-
     def _free_seeds(self, si: int, pi: int, kinds: list[str]) -> list[int]:
         """Seeds not yet run at this cell by any of ``kinds`` at any lr (nor retried out), in spec order."""
         free = []
@@ -391,20 +360,84 @@ class FrontierSearch(_PicklingSearcher):
             free.append(seed)
         return free
 
-    def _probe_rung(self, kind: str, si: int, rest: tuple[int, ...]) -> int | None:
-        """The rung to probe next for one kind on a lane, or None when its boundary is settled (or seeds ran out)."""
-        open_ = [r for r in self._open_rungs(kind, si, rest) if self._free_seeds(si, self.index[(*rest, r)], [kind])]
-        if not open_:
+    def _more_seeds(self, kind: str, si: int, pi: int) -> int:
+        """Seeds to add to a probed cell now: 0 once it is decided or the seeds left cannot decide it.
+
+        The fewest that could decide it while its outcomes agree; one at a time once they disagree,
+        so a cell that turns out undecidable stops as soon as it is.
+        """
+        k, n = self._counts(kind, si, pi)
+        if not n or decide(k, n) != "undetermined":
+            return 0
+        need = seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind])))
+        if need is None:
+            return 0
+        return need if k in (0, n) else 1
+
+    def _top(self, kind: str, si: int, rest: tuple[int, ...]) -> int:
+        """The highest rung most of whose seeds solved it on this lane (-1: none)."""
+        likely = [
+            r
+            for r in range(self.length)
+            if (pi := self.index.get((*rest, r))) is not None and _likely(*self._counts(kind, si, pi))
+        ]
+        return max(likely, default=-1)
+
+    def _start_rung(self, kind: str, si: int, rest: tuple[int, ...]) -> int | None:
+        """A fresh lane of a bigger model starts at the next smaller model's highest likely-solved rung."""
+        pos = self.size_order.index(si)
+        if pos == 0:
             return None
-        fresh = not any(
-            self._counts(kind, si, self.index[(*rest, r)])[1] for r in range(self.length) if (*rest, r) in self.index
-        )
-        start = self._start_rung(kind, si, rest)
-        if fresh and start in open_:
-            return start
-        est = self._estimate(kind, si, rest, open_)
-        mid = (open_[0] + open_[-1]) / 2
-        return min(open_, key=lambda r: (abs(est[r] - 0.5), abs(r - mid), r))
+        top = self._top(kind, self.size_order[pos - 1], rest)
+        return top if top >= 0 else None
+
+    def _wants(self, kind: str, si: int, rest: tuple[int, ...]) -> dict[int, int]:
+        """What one kind needs next on a lane: {rung: new seeds}; {} once its boundary is settled."""
+        rungs = [r for r in range(self.length) if (*rest, r) in self.index]
+        pis = {r: self.index[(*rest, r)] for r in rungs}
+        counts = {r: self._counts(kind, si, pis[r]) for r in rungs}
+        probed = [r for r in rungs if counts[r][1]]
+        more = {r: self._more_seeds(kind, si, pis[r]) for r in probed}
+        _, _, monotone = self.lane_status(kind, si, rest)
+        a = self._top(kind, si, rest)
+        # the walk stops at the first rung above a that is, or can still be, settled unsolved;
+        # a rung no seed count can settle is walked past (it decides nothing about the rungs above)
+        above = [r for r in probed if r > a and (more[r] or decide(*counts[r]) == "unsolved")]
+        b = min(above, default=self.length) if monotone else self.length
+        gap = [r for r in rungs if a < r < b and r not in probed]
+        if gap and more.get(a) and counts[a][1] < 2 and any(r < a and not _likely(*counts[r]) for r in probed):
+            return {a: 1}  # one seed solved it above a failure: noise or a jump? a second seed, before walking on
+        if gap:
+            start = self._start_rung(kind, si, rest)
+            if not probed and start in gap:
+                return {start: 1}
+            return {gap[0] if a >= 0 else gap[(len(gap) - 1) // 2]: 1}
+        wants = {r: more[r] for r in (a, b) if more.get(r)}
+        # rungs probed above the boundary must be settled, or the report counts them possibly solved:
+        # above a rung settled unsolved on a monotone lane, above the highest solved one when scanning
+        floor = (b if b < self.length and decide(*counts[b]) == "unsolved" else None) if monotone else a
+        if floor is not None:
+            wants |= {r: more[r] for r in probed if r > floor and more[r]}
+        # a failure below the top: a hole (the lane is then scanned) or noise? one seed at a time
+        wants |= {
+            r: 1 for r in probed if r < a and more[r] and not _likely(*counts[r]) and 2 * counts[r][0] < counts[r][1]
+        }
+        if not wants and self.verify and a > 0 and rungs[0] not in probed:
+            wants = {rungs[0]: 1}
+        return wants
+
+    def _key(self, cell: Cell) -> tuple[str, int, int, int, float]:
+        return cell["kind"], cell["size_idx"], self.index[tuple(cell["coords"])], cell["seed"], cell["lr"]
+
+    def _grid_left(self) -> list[Cell]:
+        """Grid trials not run yet, not in flight and not retried out."""
+        return [
+            c
+            for c in grid_cells(self.spec)
+            if not self.in_flight[key := self._key(c)]
+            and (key[3], key[4]) not in self.outcomes.get(key[:3], {})
+            and self.censored.get(key, 0) <= self.max_retries
+        ]
 
     def _lane_busy(self, si: int, rest: tuple[int, ...]) -> bool:
         return any(v and s == si and self._rest_of(p) == rest for (_, s, p, _, _), v in self.in_flight.items())
@@ -413,28 +446,35 @@ class FrontierSearch(_PicklingSearcher):
         return tuple(self.points[pi].coords[:-1])
 
     def _plan(self) -> list[Cell]:
-        """Next probes: on each idle lane, each kind's rung (P(solved) nearest 0.5), run for every lr."""
-        planned: list[Cell] = []
-        for si, rest in self.lanes:
-            if self._lane_busy(si, rest):
-                continue  # one probe per lane at a time: its result decides where the next goes
-            rungs = sorted({r for kind in self.kinds if (r := self._probe_rung(kind, si, rest)) is not None})
-            for r in rungs:
-                pi = self.index[(*rest, r)]
-                # a cell's first probe runs every kind (paired seeds); more seeds go only where undetermined
-                fresh = not any(self.outcomes.get((k, si, pi)) for k in self.kinds)
-                kinds = [
-                    k for k in self.kinds if fresh or decide_or_unknown(*self._counts(k, si, pi)) == "undetermined"
-                ]
-                if not kinds:
-                    continue
-                need = max(seeds_to_decide(*self._counts(kind, si, pi)) or 1 for kind in kinds)
-                for seed in self._free_seeds(si, pi, kinds)[:need]:
-                    for lr in self.lrs:
-                        for kind in kinds:
-                            self.in_flight[(kind, si, pi, seed, lr)] += 1
-                            planned.append(make_cell(self.spec, kind, si, pi, lr, seed))
-        return planned
+        """Next probes: on each idle lane, what each kind wants, a fresh cell run for every kind (paired)."""
+        if self.whole_grid:
+            cells = self._grid_left()
+        else:
+            cells = [
+                make_cell(self.spec, kind, si, self.index[(*rest, r)], lr, seed)
+                for si, rest in self.lanes
+                if not self._lane_busy(si, rest)  # one probe per lane at a time: its result steers the next
+                for r, per_kind in sorted(self._lane_wants(si, rest).items())
+                for kind, n in per_kind.items()
+                for seed in self._free_seeds(si, self.index[(*rest, r)], [kind])[:n]
+                for lr in self.lrs
+            ]
+        for c in cells:
+            self.in_flight[self._key(c)] += 1
+        return sorted(
+            cells, key=lambda c: (c["size_idx"], c["coords"], c["seed"], c["lr"], self.kinds.index(c["kind"]))
+        )
+
+    def _lane_wants(self, si: int, rest: tuple[int, ...]) -> dict[int, dict[str, int]]:
+        """{rung: {kind: new seeds}} on one lane; a cell's first probe runs every kind (paired seeds)."""
+        wants: dict[int, dict[str, int]] = defaultdict(dict)
+        for kind in self.kinds:
+            for r, n in self._wants(kind, si, rest).items():
+                wants[r][kind] = n
+        for r, per_kind in wants.items():
+            if not any(self.outcomes.get((k, si, self.index[(*rest, r)])) for k in self.kinds):
+                wants[r] = dict.fromkeys(self.kinds, max(per_kind.values()))
+        return wants
 
     # --- public API ------------------------------------------------------------------------
 
@@ -450,11 +490,13 @@ class FrontierSearch(_PicklingSearcher):
         return not self.queue and not any(self.in_flight.values()) and not self._plan_preview()
 
     def _plan_preview(self) -> bool:
-        return any(self._probe_rung(kind, si, rest) is not None for si, rest in self.lanes for kind in self.kinds)
+        if self.whole_grid:
+            return bool(self._grid_left())
+        return any(self._wants(kind, si, rest) for si, rest in self.lanes for kind in self.kinds)
 
     def record(self, cell: Cell, result: dict[str, Any] | None, error: bool = False) -> None:
         """One cell's result: an outcome (solved/unsolved at full budget) or censored (anything else)."""
-        key = (cell["kind"], cell["size_idx"], self.index[tuple(cell["coords"])], cell["seed"], cell["lr"])
+        key = self._key(cell)
         self.in_flight[key] = max(0, self.in_flight[key] - 1)
         status = (result or {}).get("status") if (result or {}).get("final") and not error else None
         if status in ("solved", "unsolved"):
@@ -478,9 +520,9 @@ class FrontierSearch(_PicklingSearcher):
             self.record(cell, result, error)
 
 
-def decide_or_unknown(successes: int, n: int) -> str:
-    """``decide`` for a cell with outcomes; a cell without any is undetermined (it needs seeds)."""
-    return decide(successes, n) if n else "undetermined"
+def _likely(successes: int, n: int) -> bool:
+    """Most of a cell's seeds solved it: the point estimate the search steers by (never a decision)."""
+    return 2 * successes > n
 
 
 def _sizes_by_params(spec: StudySpec) -> list[int]:
