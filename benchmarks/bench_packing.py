@@ -184,7 +184,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     spec = StudySpec.from_file(QUICKSTART)
     cells = grid_cells(spec)
     fixed = fixed_config(spec)
-    packs = plan_packs(cells, max_members(spec), spec.max_concurrent)
+    packs = plan_packs(cells, max_members(spec), fixed, spec.max_concurrent)
     bare = []
     for pack in packs:
         cfgs = [replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in pack]

@@ -358,8 +358,9 @@ class Execution(_Strict):
 
     pack: Literal["auto", "off"] | PosInt = Field(
         default="auto",
-        description="auto: pack grid trials of one kind and model size (at most 32 a pack, and at least "
-        "max_concurrent packs); off: one trial per worker; a number: at most that many trials a pack",
+        description="auto: pack trials of one kind and model size (grid and frontier: at most 32 a pack, a grid "
+        "in at least max_concurrent packs; optuna: small enough for 4 rounds of picks); off: one trial per "
+        "worker; a number: at most that many trials a pack",
     )
     checkpoint_every: PosInt = Field(
         default=1, description="packs: checkpoint every this many evaluations (and whenever a member finishes)"
@@ -438,21 +439,13 @@ class StudySpec(_Strict):
         self._check_fairness()
         if self.early_stopping.asha:
             self._check_asha()
-        if isinstance(self.execution.pack, int) and self.execution.pack > 1:
-            if self.early_stopping.asha:
-                raise _field_error(
-                    ("execution", "pack"),
-                    self.execution.pack,
-                    "execution.pack cannot pack trials that early_stopping.asha cuts one by one; "
-                    "use pack: off (or auto, which runs ASHA studies unpacked)",
-                )
-            if self.search.method != "grid":
-                raise _field_error(
-                    ("execution", "pack"),
-                    self.execution.pack,
-                    f"execution.pack packs grid studies only (search.method={self.search.method!r}); "
-                    "use pack: off (or auto, which runs it unpacked)",
-                )
+        if isinstance(self.execution.pack, int) and self.execution.pack > 1 and self.early_stopping.asha:
+            raise _field_error(
+                ("execution", "pack"),
+                self.execution.pack,
+                "execution.pack cannot pack trials that early_stopping.asha cuts one by one; "
+                "use pack: off (or auto, which runs ASHA studies unpacked)",
+            )
         if self.early_stopping.asha and self.early_stopping.grace_period > self.training.max_steps:
             raise _field_error(
                 ("early_stopping", "grace_period"),

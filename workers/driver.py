@@ -39,6 +39,7 @@ from studies.studydir import (
 )
 from workers import tracking
 from workers.callbacks import StudyCallback, fixed_config, trial_config
+from workers.pack_search import PackSearch
 from workers.packing import max_members, plan_packs, train_pack
 from workers.provenance import git_sha, versions
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, grid_cells
@@ -120,19 +121,21 @@ def build_tuner(
     search_alg: Any = None
     num_samples = 1
     method = spec.search.method
+    limit = max_members(spec)
+    if limit > 1:
+        param_space["checkpoint_every"] = spec.execution.checkpoint_every
     if method == "grid":
         cells = grid_cells(spec)
-        limit = max_members(spec)
         if limit > 1:
-            param_space["pack"] = tune.grid_search(plan_packs(cells, limit, spec.max_concurrent))
-            param_space["checkpoint_every"] = spec.execution.checkpoint_every
+            param_space["pack"] = tune.grid_search(plan_packs(cells, limit, fixed, spec.max_concurrent))
         else:
             param_space["cell"] = tune.grid_search(cells)
-    elif method == "optuna":
-        search_alg = PairedOptunaSearch(spec, settings.optuna_url, study_id)
-        num_samples = spec.planned_trials()
     else:
-        search_alg = FrontierSearch(spec)
+        inner: PairedOptunaSearch | FrontierSearch = (
+            PairedOptunaSearch(spec, settings.optuna_url, study_id) if method == "optuna" else FrontierSearch(spec)
+        )
+        # packed: one Tune trial per pack, asked a pack per kind at a time so that kinds stay paired
+        search_alg = PackSearch(inner, fixed, limit, limit * len(spec.attention)) if limit > 1 else inner
         num_samples = spec.planned_trials()
     scheduler = None
     if spec.early_stopping.asha:

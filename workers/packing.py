@@ -1,7 +1,8 @@
 """Packs on Ray Tune: which trials train together, and the pack trainable.
 
-A grid study's cells are grouped by what a pack shares (attention kind and model size; the
-rest of the training config is fixed per study) and cut into balanced packs. One Tune trial
+A study's cells are grouped by what a pack shares (``workers.packed.pack_key``: in one study,
+the attention kind and model size) and cut into balanced packs: a grid study's all at once,
+a searcher's as it hands them out (``workers.pack_search``). One Tune trial
 runs one pack (``train_pack``) with the resources of one worker; it reports each member's
 evaluations and final record, which the study callback turns into one trial record and
 one MLflow child run per member (``member_results``).
@@ -21,7 +22,7 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from studies.spec import StudySpec
-from workers.packed import run_pack
+from workers.packed import pack_key, run_pack
 from workers.trial import TrialConfig
 
 Cell = dict[str, Any]
@@ -30,25 +31,39 @@ AUTO_MAX_MEMBERS = 32  # pack: auto on CPU; per-member step time stops falling b
 _STATE = "pack.pt"
 
 
+OPTUNA_ROUNDS = 4  # pack: auto with Optuna keeps at least this many rounds of picks, so TPE learns between them
+
+
 def max_members(spec: StudySpec) -> int:
     """Most members a pack of this study may have (1: the study runs unpacked)."""
     pack = spec.execution.pack
-    if pack == "off":
+    if pack == "off" or (pack == "auto" and spec.early_stopping.asha):  # ASHA cuts trials one by one
         return 1
-    if pack == "auto":  # ASHA cuts trials one by one; searchers ask for one trial at a time
-        return AUTO_MAX_MEMBERS if spec.search.method == "grid" and not spec.early_stopping.asha else 1
+    if pack == "auto" and spec.search.method == "optuna":
+        per_kind = spec.planned_trials() // len(spec.attention)
+        packs_per_kind = max(1, spec.max_concurrent // len(spec.attention))  # packs of one kind running at once
+        return max(1, min(AUTO_MAX_MEMBERS, per_kind // (OPTUNA_ROUNDS * packs_per_kind)))
+    if pack == "auto":
+        return AUTO_MAX_MEMBERS
     return int(pack)
 
 
-def plan_packs(cells: list[Cell], limit: int, min_packs: int = 1) -> list[list[Cell]]:
-    """Cells grouped by kind and model size, cut into balanced packs of at most ``limit``.
+def group_key(cell: Cell, fixed: dict[str, Any]) -> tuple[Any, ...]:
+    """What a pack's members share (``workers.packed.pack_key`` of the cell's resolved trial config)."""
+    from workers.callbacks import trial_config  # the callbacks import this module
+
+    return pack_key(trial_config({"cell": cell, "fixed": fixed}))
+
+
+def plan_packs(cells: list[Cell], limit: int, fixed: dict[str, Any], min_packs: int = 1) -> list[list[Cell]]:
+    """Cells grouped by what a pack shares (``group_key``), cut into balanced packs of at most ``limit``.
 
     Packs are split further (largest first) until there are ``min_packs`` of them, so that
     every worker gets one. Cell order is kept within a pack.
     """
-    groups: dict[tuple[str, int], list[Cell]] = {}
+    groups: dict[tuple[Any, ...], list[Cell]] = {}
     for c in cells:
-        groups.setdefault((c["kind"], c["size_idx"]), []).append(c)
+        groups.setdefault(group_key(c, fixed), []).append(c)
     packs: list[list[Cell]] = []
     for group in groups.values():
         packs += _cut(group, math.ceil(len(group) / limit))

@@ -100,6 +100,10 @@ class PairedOptunaSearch(_PicklingSearcher):
     Pareto front gives the highest rung per kind and size; ``margin``, the second kind's
     paired success rate minus the first kind's. A pick without any outcome is told FAIL. Only
     Optuna's public ask/tell API is used; the study lives in the given RDB storage.
+
+    ``next_cells(k)`` hands out up to k twins at once (a pack; picks are asked as needed);
+    ``record(cell, result)`` tells the searcher one twin's result. ``suggest`` /
+    ``on_trial_complete`` wrap them for Tune.
     """
 
     def __init__(self, spec: StudySpec, storage_url: str, study_name: str) -> None:
@@ -116,13 +120,14 @@ class PairedOptunaSearch(_PicklingSearcher):
         }
         self.twins = [(k, s) for s in spec.seeds for k in spec.attention]
         self.pending: list[tuple[str, Cell]] = []  # twins waiting to be handed out
-        self.base_of: dict[str, str] = {}
-        self.cell_of: dict[str, Cell] = {}
+        self.pick_of: dict[tuple[Any, ...], str] = {}  # twin (kind, seed, size, point, lr) -> pick
+        self.cell_of: dict[str, Cell] = {}  # Tune trial id -> cell (unpacked runs)
         self.number_of: dict[str, int] = {}  # pick -> Optuna trial number
         self.picked: dict[tuple[Any, ...], int] = {}  # (size_idx, point_idx, lr) -> Optuna trial number
         self.results: dict[str, list[tuple[Cell, dict[str, Any] | None]]] = defaultdict(list)
         self.completed: set[int] = set()
         self.n_picks = 0
+        self.spent = False  # Optuna repeats itself: no new pick to ask
         self._study: optuna.Study | None = None
         self._asked: dict[int, optuna.trial.Trial] = {}  # live trial objects (not pickled)
 
@@ -172,29 +177,48 @@ class PairedOptunaSearch(_PicklingSearcher):
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return None
 
+    def _new_pick(self) -> bool:
+        """Ask Optuna for one more pick and queue its twins; False once n_trials or the space is spent."""
+        if self.n_picks >= (self.spec.search.n_trials or 0) or self.spent:
+            return False
+        trial = self._ask()
+        if trial is None:
+            self.spent = True
+            return False
+        base = f"pick{self.n_picks:05d}"
+        self.n_picks += 1
+        self.number_of[base] = trial.number
+        p = trial.params
+        size, point = self.spec.model.all_sizes()[p["size_idx"]], self.spec.task.points()[p["point_idx"]]
+        trial.set_user_attr("ladder.pick", base)
+        trial.set_user_attr("ladder.size", size.name)
+        trial.set_user_attr("ladder.point", point.name)
+        keys = [trial_key(kind, size.name, point.name, p["lr"], seed) for kind, seed in self.twins]
+        trial.set_user_attr("ladder.trial_keys", keys)  # stable across resumes, unlike Tune's trial ids
+        for kind, seed in self.twins:
+            cell = make_cell(self.spec, kind, p["size_idx"], p["point_idx"], p["lr"], seed)
+            self.pick_of[_twin(cell)] = base
+            self.pending.append((base, cell))
+        return True
+
+    def next_cells(self, k: int) -> list[Cell]:
+        """Up to ``k`` trial cells to run now: the twins of as many picks as it takes, in order."""
+        out: list[Cell] = []
+        while len(out) < k and (self.pending or self._new_pick()):
+            out.append(self.pending.pop(0)[1])
+        return out
+
+    def done(self) -> bool:
+        """No twin left to hand out and no pick left to ask (finished picks may still be running)."""
+        return not self.pending and (self.spent or self.n_picks >= (self.spec.search.n_trials or 0))
+
     def suggest(self, trial_id: str) -> Any:
-        if not self.pending:
-            if self.n_picks >= (self.spec.search.n_trials or 0):
-                return Searcher.FINISHED
-            trial = self._ask()
-            if trial is None:
-                return Searcher.FINISHED
-            base = f"pick{self.n_picks:05d}"
-            self.n_picks += 1
-            self.number_of[base] = trial.number
-            p = trial.params
-            size, point = self.spec.model.all_sizes()[p["size_idx"]], self.spec.task.points()[p["point_idx"]]
-            trial.set_user_attr("ladder.pick", base)
-            trial.set_user_attr("ladder.size", size.name)
-            trial.set_user_attr("ladder.point", point.name)
-            keys = [trial_key(kind, size.name, point.name, p["lr"], seed) for kind, seed in self.twins]
-            trial.set_user_attr("ladder.trial_keys", keys)  # stable across resumes, unlike Tune's trial ids
-            for kind, seed in self.twins:
-                self.pending.append((base, make_cell(self.spec, kind, p["size_idx"], p["point_idx"], p["lr"], seed)))
-        base, cell = self.pending.pop(0)
-        self.base_of[trial_id] = base
+        got = self.next_cells(1)
+        if not got:
+            return Searcher.FINISHED
+        cell = got[0]
         self.cell_of[trial_id] = cell
-        asked = self._asked.get(self.number_of[base])
+        asked = self._asked.get(self.number_of[self.pick_of[_twin(cell)]])
         if asked is not None:  # ties the Optuna trial to its Tune trials (lost for picks asked before a restore)
             asked.set_user_attr(f"ladder.trial.{cell['kind']}.s{cell['seed']}", trial_id)
         return {"cell": cell}
@@ -221,21 +245,30 @@ class PairedOptunaSearch(_PicklingSearcher):
         n_params = next((r["n_params"] for r in outcome.values() if r.get("n_params")), None)
         return None if n_params is None else [*per_kind, float(n_params)]
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        base = self.base_of.get(trial_id)
-        if base is None:
-            return
-        self.results[base].append((self.cell_of[trial_id], None if error else result))
-        if len(self.results[base]) == len(self.twins):
+    def record(self, cell: Cell, result: dict[str, Any] | None, error: bool = False) -> None:
+        """One twin's result; when all twins of its pick are in, Optuna is told (once per pick)."""
+        base = self.pick_of.get(_twin(cell))
+        if base is None or self.number_of[base] in self.completed:
+            return  # not this searcher's, or a twin seen again after a resume: its pick is told already
+        got = self.results[base]
+        got[:] = [(c, r) for c, r in got if _twin(c) != _twin(cell)]  # a twin recorded again counts once
+        got.append((cell, None if error else result))
+        if len(got) == len(self.twins):
             done = self.results.pop(base)
             values = self._values(done)
             number = self.number_of[base]
+            # skip_if_finished: after a hard kill the DB can be ahead of this searcher's checkpoint
             if values is None:
-                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             else:
-                self.study.tell(number, values)
+                self.study.tell(number, values, skip_if_finished=True)
             self.completed.add(number)
             self._asked.pop(number, None)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        cell = self.cell_of.pop(trial_id, None)
+        if cell is not None:
+            self.record(cell, result, error)
 
     def fail_orphans(self) -> int:
         """Mark Optuna trials left RUNNING by a hard kill, which no restored trial will finish."""
@@ -518,6 +551,11 @@ class FrontierSearch(_PicklingSearcher):
         cell = self.cell_of.pop(trial_id, None)
         if cell is not None:
             self.record(cell, result, error)
+
+
+def _twin(cell: Cell) -> tuple[Any, ...]:
+    """What tells one trial cell from another within a study (its Tune trial id may change)."""
+    return (cell["kind"], cell["seed"], cell["size_idx"], cell["point"], cell["lr"])
 
 
 def _likely(successes: int, n: int) -> bool:

@@ -96,7 +96,7 @@ def test_grid_study_tracks_every_trial_and_survives_failures(data_dir: Path) -> 
     assert "report/report.html" in {a.path for a in client.list_artifacts(ml["run_id"], "report")}
 
 
-def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) -> None:
+def test_killed_packed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) -> None:
     spec = StudySpec.model_validate(
         {
             "name": "crash",
@@ -105,6 +105,7 @@ def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) 
             "training": {"max_steps": 600, "eval_interval": 50, "eval_sequences": 128},
             "hparams": {"lr": {"low": 1e-3, "high": 1e-2}},
             "search": {"method": "optuna", "n_trials": 4},
+            "execution": {"pack": 2},  # two picks a pack: a member can finish while its pack runs on
         }
     )
     settings = get_settings()
@@ -127,6 +128,7 @@ def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) 
         kill_tree(proc, seen)  # kill -9 mid-study
     before = {r["trial_id"] for r in trial_lines(study_dir)}
     assert 2 <= len(before) < spec.planned_trials()
+    assert all(".m" in t for t in before), "optuna picks run packed"
 
     proc = start_driver(study_id, env, log, resume=True)
     try:
@@ -136,6 +138,8 @@ def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) 
 
     status = read_status(study_dir)
     assert status["state"] == "finished"
+    lines = [r["trial_id"] for r in trial_lines(study_dir)]
+    assert len(lines) == len(set(lines)), "every member recorded once"
     records = read_records(study_dir / "trials.jsonl")
     assert len(records) == spec.planned_trials() == 8
     assert before <= {r.trial_id for r in records}
@@ -147,9 +151,12 @@ def test_killed_optuna_study_resumes_without_loss_or_duplicates(data_dir: Path) 
     study = optuna.load_study(study_name=study_id, storage=settings.optuna_url)
     states = Counter(t.state.name for t in study.trials)
     assert states["RUNNING"] == 0
-    assert states["COMPLETE"] == 4
+    assert states["COMPLETE"] == 4, "each pick told once"
+    told = [k for t in study.trials if t.state.name == "COMPLETE" for k in t.user_attrs["ladder.trial_keys"]]
+    assert sorted(told) == sorted(r.trial_key for r in records), "every member in exactly one told pick"
     # every Optuna pick ran once per kind: its params match the trials' configs
-    picks = {(t.params["size_idx"], t.params["point_idx"], round(t.params["lr"], 12)) for t in study.trials}
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]  # a pick killed mid-ask has no params
+    picks = {(t.params["size_idx"], t.params["point_idx"], round(t.params["lr"], 12)) for t in done}
     sizes = spec.model.all_sizes()
     points = [p.name for p in spec.task.points()]
     for r in records:

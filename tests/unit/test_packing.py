@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from studies.spec import StudySpec
+from workers.callbacks import fixed_config
 from workers.packing import AUTO_MAX_MEMBERS, cells_of, max_members, member_results, plan_packs
 from workers.search import make_cell
 
@@ -46,7 +47,7 @@ def _cells(spec: StudySpec) -> list[dict[str, Any]]:
 def test_packs_group_one_kind_and_size_and_keep_every_cell_once():
     spec = _spec()
     cells = _cells(spec)
-    packs = plan_packs(cells, max_members(spec), spec.max_concurrent)
+    packs = plan_packs(cells, max_members(spec), fixed_config(spec), spec.max_concurrent)
     assert len(packs) == 4  # (dpa, ea) x (d16, d32), 6 members each
     assert sorted(len(p) for p in packs) == [6, 6, 6, 6]
     for p in packs:
@@ -56,12 +57,13 @@ def test_packs_group_one_kind_and_size_and_keep_every_cell_once():
 
 
 def test_packs_are_balanced_under_the_limit_and_split_for_idle_workers():
-    cells = _cells(_spec())
-    assert sorted(len(p) for p in plan_packs(cells, 4, 1)) == [3] * 8  # 6 a group, limit 4: two of 3
+    spec = _spec()
+    cells, fixed = _cells(spec), fixed_config(spec)
+    assert sorted(len(p) for p in plan_packs(cells, 4, fixed, 1)) == [3] * 8  # 6 a group, limit 4: two of 3
     one_group = [c for c in cells if c["kind"] == "dpa" and c["size_idx"] == 0]
-    assert [len(p) for p in plan_packs(one_group, 32, 1)] == [6]
-    assert sorted(len(p) for p in plan_packs(one_group, 32, 2)) == [3, 3]  # two workers: two packs
-    assert sorted(len(p) for p in plan_packs(one_group[:1], 32, 4)) == [1]  # nothing left to split
+    assert [len(p) for p in plan_packs(one_group, 32, fixed, 1)] == [6]
+    assert sorted(len(p) for p in plan_packs(one_group, 32, fixed, 2)) == [3, 3]  # two workers: two packs
+    assert sorted(len(p) for p in plan_packs(one_group[:1], 32, fixed, 4)) == [1]  # nothing left to split
 
 
 def test_execution_pack_resolves_per_study():
@@ -69,15 +71,18 @@ def test_execution_pack_resolves_per_study():
     assert max_members(_spec(execution={"pack": "off"})) == 1
     assert max_members(_spec(execution={"pack": 5})) == 5
     assert max_members(_spec(**ONE_CELL, **ASHA)) == 1  # auto: ASHA runs unpacked
-    optuna = _spec(search={"method": "optuna", "n_trials": 3}, hparams={"lr": {"low": 1e-3, "high": 1e-2}})
-    assert max_members(optuna) == 1
+    lr = {"lr": {"low": 1e-3, "high": 1e-2}}
+    # optuna: small packs, so that TPE sees OPTUNA_ROUNDS rounds of results (2 seeds x n_trials per kind)
+    assert max_members(_spec(search={"method": "optuna", "n_trials": 3}, hparams=lr)) == 1
+    assert max_members(_spec(search={"method": "optuna", "n_trials": 40}, hparams=lr)) == 20
+    assert max_members(_spec(search={"method": "optuna", "n_trials": 40}, hparams=lr, execution={"pack": 3})) == 3
+    assert max_members(_spec(search={"method": "frontier"})) == AUTO_MAX_MEMBERS
 
 
 @pytest.mark.parametrize(
     ("over", "rule"),
     [
         ({"execution": {"pack": 4}, **ONE_CELL, **ASHA}, "asha"),
-        ({"execution": {"pack": 4}, "search": {"method": "frontier"}}, "grid studies only"),
         ({"execution": {"pack": 0}}, "greater than or equal to 1"),
         ({"execution": {"pack": "sometimes"}}, "pack"),
         ({"execution": {"checkpoint_every": 0}}, "greater than or equal to 1"),
@@ -92,7 +97,7 @@ def test_bad_execution_is_refused_naming_the_field(over, rule):
 
 def test_member_ids_and_results_map_back_to_cells():
     spec = _spec()
-    pack = plan_packs(_cells(spec), 32, 1)[0]
+    pack = plan_packs(_cells(spec), 32, fixed_config(spec), 1)[0]
     config = {"pack": pack, "fixed": {}}
     ids = [tid for tid, _ in cells_of("abc_00001", config)]
     assert ids == [f"abc_00001.m{i}" for i in range(len(pack))]
