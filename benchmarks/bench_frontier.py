@@ -162,7 +162,17 @@ def compare(grid: Report, search: Report) -> dict[str, Any]:
             agree += s.determined and s.highest_rung == g.highest_rung
     decided = {"solved", "unsolved"}
     contradictions = sum({c.state, search.cell(c.kind, c.size, c.point).state} == decided for c in grid.cells)
+    # the share of the grid's CPU-s in the two cells each determined frontier rests on (h and h + 1, every
+    # seed the grid ran there): a search that must decide those cells on all seeds cannot spend less
+    rests = {
+        (f.kind, f.size, rung)
+        for f in grid.frontier
+        if f.determined
+        for rung in ((f.highest_rung if f.highest_rung is not None else -1) + d for d in (0, 1))
+    }
+    floor = sum(c.cpu_s for c in grid.cells if (c.kind, c.size, c.coords[0]) in rests)
     return {
+        "frontier_cells_share": floor / max(1e-9, grid.compute.cpu_s),
         "determined_in_grid": total,
         "same_in_search": agree,
         "cells_decided_grid": sum(c.state in decided for c in grid.cells),
