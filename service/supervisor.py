@@ -19,7 +19,7 @@ from service.launcher import Launcher, Liveness
 from service.lifecycle import ACTIVE, DRIVER_VERDICTS, TERMINAL, Actor, Refused
 from service.registry import Registry, Study
 from studies.settings import Settings
-from studies.studydir import log_tail, read_status, update_status
+from studies.studydir import log_tail, read_exit, read_status, update_status
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,16 @@ LAUNCH_GRACE_S = 30.0  # a launch in flight may not have a driver process yet
 
 
 def died_reason(study: Study, launcher: Launcher, settings: Settings) -> str:
+    d = settings.study_dir(study.id)
     code = launcher.exit_code(study.id, study.handle)
-    said = (
-        f"exited with code {code}" if code is not None else "stopped (exit code unknown: not started by this process)"
-    )
-    tail = log_tail(settings.study_dir(study.id), lines=15)
+    own = read_exit(d, study.attempts)  # what the driver wrote on its way out: any service process can read it
+    if own is not None:
+        said = f"exited with code {own['code'] if code is None else code} ({own['reason']})"
+    elif code is not None:
+        said = f"exited with code {code}"
+    else:
+        said = "was killed without writing its exit record (SIGKILL, out of memory or a lost machine)"
+    tail = log_tail(d, lines=15)
     msg = f"the driver {said} without reporting a result; resume with POST /studies/{study.id}/resume"
     return msg + (f"\nlast lines of driver.log:\n{tail}" if tail else "")
 

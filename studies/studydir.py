@@ -151,6 +151,17 @@ def write_driver_pid(study_dir: Path, pid: int) -> None:
     write_text_atomic(study_dir / DRIVER_PID, str(pid))
 
 
+def write_exit(study_dir: Path, attempt: int, code: int, reason: str) -> None:
+    """The driver's own account of how it ended, so any service process can report it (not only its parent)."""
+    update_status(study_dir, exit={"attempt": attempt, "code": code, "reason": reason[-2000:], "at": time.time()})
+
+
+def read_exit(study_dir: Path, attempt: int) -> dict[str, Any] | None:
+    """The exit record attempt ``attempt``'s driver wrote on its way out; None when it wrote none (SIGKILL)."""
+    record = read_status(study_dir).get("exit")
+    return record if isinstance(record, dict) and record.get("attempt") == attempt else None
+
+
 def publish_dir(tmp: Path, final: Path) -> Path:
     """Move a fully written directory into place (readers never see a half-written one); returns ``final``."""
     import shutil

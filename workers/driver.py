@@ -36,6 +36,7 @@ from studies.studydir import (
     read_status,
     update_status,
     write_driver_pid,
+    write_exit,
 )
 from workers import tracking
 from workers.callbacks import StudyCallback, fixed_config, trial_config
@@ -50,6 +51,7 @@ __all__ = ["run_study"]
 
 log = logging.getLogger(__name__)
 
+EXIT_CODES = {"finished": 0, "cancelled": 0, "interrupted": 0, "duplicate": 3}  # anything else: 1
 _stop_requested = False  # set by SIGTERM/SIGINT in the driver process
 _in_fit = False  # Tune's own interrupt handler (SIGUSR1) is installed only while Tuner.fit runs
 
@@ -174,10 +176,47 @@ def build_tuner(
     )
 
 
-def trainable(spec: StudySpec) -> Any:
+TRAINABLES = {fn.__name__: fn for fn in (train_point, train_pack)}
+
+
+def _trainable_fn(spec: StudySpec) -> Any:
+    return train_pack if max_members(spec) > 1 else train_point
+
+
+def trainable(spec: StudySpec, fn: Any = None) -> Any:
     """The study's Tune trainable with the resources of one worker: packs, or one trial each."""
-    fn = train_pack if max_members(spec) > 1 else train_point
+    fn = fn or _trainable_fn(spec)
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _restore_tuner(exp_path: Path, spec: StudySpec, recorded: str | None) -> tuple[tune.Tuner, str]:
+    """Tune's experiment restored with the trainable it was built with, which may not be this version's choice.
+
+    ``Tuner.restore`` refuses any other trainable. A study started by a version that ran every
+    trial alone (``train_point``) resumes with ``train_point`` even where this version would pack;
+    drivers record the name (``status.json``), and studies from before that are restored by trying
+    this version's choice, then the other.
+    """
+    names = list(dict.fromkeys([n for n in (recorded, _trainable_fn(spec).__name__) if n in TRAINABLES]))
+    names += [n for n in TRAINABLES if n not in names]
+    refusals = []
+    for name in names:
+        try:
+            tuner = tune.Tuner.restore(
+                str(exp_path), trainable=trainable(spec, TRAINABLES[name]), resume_unfinished=True, resume_errored=False
+            )
+        except ValueError as e:  # "Invalid `trainable` input to `Tuner.restore()`": built with another one
+            if "trainable" not in str(e):
+                raise
+            refusals.append(f"{name}: {e}")
+            continue
+        if refusals:
+            log.warning("the experiment was built with %s, not this version's choice: resuming with it", name)
+        return tuner, name
+    raise RuntimeError(
+        f"cannot resume: the Tune experiment at {exp_path} was built with a trainable this version does not "
+        f"have ({'; '.join(refusals)}); run it with the Ladder version that started it"
+    )
 
 
 def _init_ray(settings: Settings) -> None:
@@ -239,10 +278,20 @@ def run_study(
             log.error("another driver of study %s is running; this one exits", study_id)
             return "duplicate"
         write_driver_pid(d, os.getpid())
-        if read_status(d).get("cancel_requested"):  # cancelled before this driver got going
-            update_status(d, state="cancelled", attempt=attempt, error=None, running=0, pid=None)
-            return "cancelled"
-        return _run_locked(study_id, spec, settings, resume, progress, attempt)
+        state, reason = "failed", "the driver raised before it reported a result"
+        try:
+            if read_status(d).get("cancel_requested"):  # cancelled before this driver got going
+                update_status(d, state="cancelled", attempt=attempt, error=None, running=0, pid=None)
+                state = reason = "cancelled"
+                return state
+            state = _run_locked(study_id, spec, settings, resume, progress, attempt)
+            reason = str(read_status(d).get("error") or state)
+            return state
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise
+        finally:  # still under the lock: a duplicate driver never overwrites the live one's record
+            write_exit(d, attempt, EXIT_CODES.get(state, 1), reason)
 
 
 def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool, progress: bool, attempt: int) -> str:
@@ -270,14 +319,11 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         signal.signal(signal.SIGTERM, _on_stop_signal)
         signal.signal(signal.SIGINT, _on_stop_signal)
         if resume and tune.Tuner.can_restore(str(exp_path)):
-            tuner = tune.Tuner.restore(
-                str(exp_path),
-                trainable=trainable(spec),
-                resume_unfinished=True,
-                resume_errored=False,
-            )
+            tuner, used = _restore_tuner(exp_path, spec, read_status(d).get("trainable"))
         else:
             tuner = build_tuner(study_id, spec, settings, progress, tracking.StudyTracker(study_id, mlinfo))
+            used = _trainable_fn(spec).__name__
+        update_status(d, trainable=used)
         _in_fit = True
         try:
             tuner.fit()
@@ -331,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attempt", type=int, default=0, help="which launch of the study this is (0: the first)")
     args = p.parse_args(argv)
     state = run_study(args.study_id, resume=args.resume, progress=args.progress, attempt=args.attempt)
-    return {"finished": 0, "cancelled": 0, "interrupted": 0, "duplicate": 3}.get(state, 1)
+    return EXIT_CODES.get(state, 1)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,30 @@ def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> lis
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
 
 
+def run_until_mid_study(study_id: str, study_dir: Path, env: dict[str, str], log: Path) -> tuple[Any, list[Any]]:
+    """Start the study's driver and wait until one trial is recorded and another runs.
+
+    Returns the driver process and every descendant seen meanwhile (its local Ray and the
+    trials), for ``kill_tree`` however the test stops it.
+    """
+    from studies.studydir import read_status
+
+    proc = start_driver(study_id, env, log)
+    seen: list[psutil.Process] = []
+
+    def one_done_one_running() -> bool:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
+        return len(trial_lines(study_dir)) >= 1 and read_status(study_dir).get("running", 0) >= 1
+
+    try:
+        wait_for(one_done_one_running, 400, "a finished trial and a running one")
+    except BaseException:
+        kill_tree(proc, seen)
+        raise
+    return proc, seen
+
+
 class Server:
     """`ladder serve` in its own process; stopped by PID."""
 

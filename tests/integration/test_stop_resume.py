@@ -20,12 +20,11 @@ from studies.spec import StudySpec
 from studies.studydir import prepare_study, read_status
 from tests.integration.helpers import (
     child_runs,
-    descendants,
     driver_env,
     kill_tree,
+    run_until_mid_study,
     start_driver,
     trial_lines,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,16 +47,8 @@ def test_stop_then_resume_counts_every_trial_once(data_dir: Path, signum: int) -
     study_dir = settings.study_dir(study_id)
     env = driver_env(data_dir)
     log = data_dir / "driver.log"
-    proc = start_driver(study_id, env, log)
-    seen: list = []
+    proc, seen = run_until_mid_study(study_id, study_dir, env, log)
     try:
-
-        def one_done_one_running() -> bool:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
-            return len(trial_lines(study_dir)) >= 1 and read_status(study_dir).get("running", 0) >= 1
-
-        wait_for(one_done_one_running, 400, "a finished trial and a running one")
         # A second driver of the same study refuses while this one lives.
         second = subprocess.run(
             [sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, text=True, timeout=300

@@ -28,7 +28,7 @@ from service.routes.results import PLOTS
 from service.routes.studies import EXAMPLE_SPEC
 from studies.records import TrialRecord
 from studies.spec import StudySpec, json_schema
-from studies.studydir import read_status, update_status
+from studies.studydir import read_status, update_status, write_exit
 from tests.service import (
     TINY_SPEC,
     TINY_YAML,
@@ -663,14 +663,20 @@ def test_startup_reconciles_studies_whose_driver_is_gone(open_service: OpenServi
         cancelling = insert_study(first, "cancelling", handle=str(dead_pid()))
         finished = insert_study(first, "running", handle=str(dead_pid()))
         update_status(first.settings.study_dir(finished), state="finished", done=4)
+        crashed = insert_study(first, "running", handle=str(dead_pid()))  # wrote its exit record, then died
+        write_exit(first.settings.study_dir(crashed), 0, 1, "OperationalError: the MLflow store is gone")
     with open_service() as second:
         # Start-up did it, before any request.
-        states = {s: second.registry.get(s).state for s in (gone, cancelling, finished)}  # type: ignore[union-attr]
-        assert states == {gone: "failed", cancelling: "cancelled", finished: "finished"}
+        states = {s: second.registry.get(s).state for s in (gone, cancelling, finished, crashed)}  # type: ignore[union-attr]
+        assert states == {gone: "failed", cancelling: "cancelled", finished: "finished", crashed: "failed"}
         c = second.client
         body = c.get(f"/studies/{gone}").json()
         assert body["state"] == "failed"  # a driver that died without a verdict: the reason, and how to go on
-        assert "exit code unknown" in body["error"] and f"POST /studies/{gone}/resume" in body["error"]
+        assert "killed without writing its exit record" in body["error"], body["error"]
+        assert f"POST /studies/{gone}/resume" in body["error"]
+        # A service that did not start the driver still reports its exit code and reason.
+        error = c.get(f"/studies/{crashed}").json()["error"]
+        assert "exited with code 1 (OperationalError: the MLflow store is gone)" in error, error
         r = c.post(f"/studies/{gone}/resume")
         assert r.status_code == 202 and r.json()["attempts"] == 1
         assert cancel_and_wait(c, gone)["state"] == "cancelled"
