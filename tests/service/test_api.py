@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +29,7 @@ from service.routes.results import PLOTS
 from service.routes.studies import EXAMPLE_SPEC
 from studies.records import TrialRecord
 from studies.spec import StudySpec, json_schema
-from studies.studydir import read_status, update_status, write_exit
+from studies.studydir import driver_lock, read_status, update_status, write_exit
 from tests.service import (
     TINY_SPEC,
     TINY_YAML,
@@ -532,6 +533,49 @@ def test_delete_a_stopped_study_is_204_then_404(svc: Service, state: str) -> Non
     assert not svc.settings.study_dir(sid).exists()
     assert_error(svc.client.get(f"/studies/{sid}"), 404, ["path", "study_id"])
     assert_error(svc.client.delete(f"/studies/{sid}"), 404, ["path", "study_id"])
+
+
+def test_delete_removes_tune_results_optuna_study_and_files_of_that_study_only(svc: Service) -> None:
+    """DELETE takes ray_results/<id>, the Optuna study and the study's files, of that study and no other."""
+    import optuna
+
+    settings = svc.settings
+    storage = optuna.storages.RDBStorage(settings.optuna_url)
+    victim, bystander = insert_study(svc, "cancelled"), insert_study(svc, "finished")
+    for sid in (victim, bystander):  # what a driver and a report render leave behind
+        optuna.create_study(storage=storage, study_name=sid).ask()
+        (Path(settings.tune_storage) / sid).mkdir(parents=True)
+        (Path(settings.tune_storage) / sid / "experiment_state.json").write_text("{}")
+        (settings.data_dir / "cache" / "reports" / sid).mkdir(parents=True)
+    (settings.study_dir(victim) / "trials.jsonl").write_text("")
+
+    def left(sid: str) -> dict[str, bool]:
+        return {
+            "row": svc.registry.get(sid) is not None,
+            "study dir": settings.study_dir(sid).exists(),
+            "tune": (Path(settings.tune_storage) / sid).exists(),
+            "cache": (settings.data_dir / "cache" / "reports" / sid).exists(),
+            "optuna": sid in {s.study_name for s in optuna.get_all_study_summaries(storage)},
+        }
+
+    assert svc.client.delete(f"/studies/{victim}").status_code == 204
+    assert left(victim) == dict.fromkeys(left(victim), False)
+    assert left(bystander) == dict.fromkeys(left(bystander), True)
+    assert svc.client.get(f"/studies/{bystander}").status_code == 200
+
+
+def test_delete_refuses_while_a_driver_lives(svc: Service) -> None:
+    """A stopped study whose driver still holds its lock (it is writing its last words) is not deleted."""
+    sid = insert_study(svc, "failed")
+    d = svc.settings.study_dir(sid)
+    (Path(svc.settings.tune_storage) / sid).mkdir(parents=True)
+    with driver_lock(d) as mine:
+        assert mine
+        assert_error(svc.client.delete(f"/studies/{sid}"), 409, ["path", "study_id"], "still running")
+        assert svc.registry.get(sid) is not None and (d / "spec.json").exists()
+        assert (Path(svc.settings.tune_storage) / sid).exists()
+    assert svc.client.delete(f"/studies/{sid}").status_code == 204
+    assert not d.exists() and not (Path(svc.settings.tune_storage) / sid).exists()
 
 
 @integration
