@@ -56,6 +56,16 @@ class Launcher(Protocol):
         ...
 
 
+LAUNCH_MARK = "ladder: launching driver"
+
+
+def launch_line(attempt: int, resume: bool) -> str:
+    """The line a launch writes to driver.log first: which service process launched which attempt, and when."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    what = f"attempt {attempt}{' (resume)' if resume else ''}"
+    return f"--- {LAUNCH_MARK} {what} from service pid {os.getpid()} at {when}\n"
+
+
 def driver_args(study_id: str, resume: bool, attempt: int) -> list[str]:
     return ["-m", "workers.driver", study_id, "--attempt", str(attempt), *(["--resume"] if resume else [])]
 
@@ -104,6 +114,8 @@ class LocalLauncher:
             if self.liveness(study_id, handle) is Liveness.ALIVE:
                 return
             with open(d / DRIVER_LOG, "ab") as logf:
+                logf.write(launch_line(attempt, resume).encode())
+                logf.flush()
                 proc = subprocess.Popen(
                     [sys.executable, *driver_args(study_id, resume, attempt)],
                     env=local_env(self.settings),

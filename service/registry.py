@@ -16,6 +16,8 @@ from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, fun
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+_MIGRATION_LOCK = 0x1ADDE2  # a PostgreSQL advisory lock key held while the schema is migrated
+
 
 class Base(DeclarativeBase):
     pass
@@ -66,8 +68,10 @@ class Registry:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest migration (idempotent)."""
+        """Bring the schema to the newest migration (idempotent; safe with several processes starting at once)."""
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # service processes starting together migrate one at a time
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             cfg = _alembic_config(self.url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")

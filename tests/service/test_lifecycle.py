@@ -16,6 +16,7 @@ from service import lifecycle
 from service.lifecycle import ACTIVE, Actor, AtCapacity, KeyTaken, WrongState
 from service.registry import Registry, Study
 from studies.records import append_record, read_records, repair_records
+from tests.service.conftest import postgres_database
 
 SPEC_JSON = '{"name": "t"}'
 
@@ -135,3 +136,17 @@ def test_a_torn_last_record_is_skipped_and_repaired(tmp_path: Path) -> None:
     append_record(path, rec | {"trial_id": "t0-again", "status": "unsolved"})
     records = read_records(path)
     assert len(records) == 3 and [r.status for r in records if r.seed == 0] == ["unsolved"]
+
+
+@pytest.mark.integration
+def test_service_processes_starting_together_migrate_one_fresh_database() -> None:
+    """Several services starting at once on an empty PostgreSQL registry: each migrates it, none fails."""
+    with postgres_database() as url:
+        regs = [Registry(url) for _ in range(4)]
+        try:
+            results = race(4, lambda i: regs[i].migrate())
+            assert results == [None] * 4, results
+            lifecycle.create(regs[1], row("after"), cap=1)
+        finally:
+            for r in regs:
+                r.engine.dispose()
