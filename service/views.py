@@ -151,7 +151,7 @@ class Results:
             return out
         with self._lock:
             lock = self._render_locks.setdefault(study.id, threading.Lock())
-        with lock, file_lock(cache.parent / f".{study.id}.lock"):  # one render per version, across processes
+        with lock, file_lock(cache / ".lock"):  # one render per version, across processes (DELETE takes it too)
             if not (out / "report.html").exists():
                 self._render(study, out)
         return out

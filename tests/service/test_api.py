@@ -790,6 +790,52 @@ def finished(svc: Service, real_finished: RealStudy) -> str:
     return seed(svc, real_finished)
 
 
+def files_under(*roots: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under ``roots``: path -> (mtime ns, size, sha256)."""
+    import hashlib
+
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*") if root.is_dir() else [root]):
+            if p.is_file():
+                st = p.stat()
+                out[str(p)] = (st.st_mtime_ns, st.st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@integration
+def test_reads_of_a_finished_study_write_nothing(svc: Service, finished: str) -> None:
+    """GETs only read: the driver rendered the report; no read touches a file of the data dir or the registry.
+
+    A finished study without a report (written by a version whose driver rendered none) is the
+    one exception: its first GET of the report renders it once, under a lock, into the cache.
+    """
+    c, d = svc.client, svc.settings.study_dir(finished)
+    reads = ["/studies", f"/studies/{finished}", f"/studies/{finished}/trials", f"/studies/{finished}/frontier"]
+    reads += [f"/studies/{finished}/trials?format=csv", f"/studies/{finished}/report"]
+    reads += [f"/studies/{finished}/plots/{name}" for name in PLOTS]
+    roots = [svc.settings.data_dir]
+    if svc.registry.url.startswith("sqlite:///"):
+        roots.append(Path(svc.registry.url.removeprefix("sqlite:///")))
+    before = files_under(*roots)
+    for _ in range(2):
+        for path in reads:
+            assert c.get(path).status_code == 200, path
+    time.sleep(1.5)  # a reconcile round of the service's watch loop, too
+    assert files_under(*roots) == before
+
+    shutil.rmtree(d / "report")  # an older version's study: its driver wrote no report
+    before = files_under(*roots)
+    assert c.get(f"/studies/{finished}/report").status_code == 200
+    after = files_under(*roots)
+    cache = str(svc.settings.data_dir / "cache" / "reports" / finished)
+    assert {k: v for k, v in after.items() if not k.startswith(cache)} == before
+    assert any(k.startswith(cache) and k.endswith("report.html") for k in after)
+    for path in reads:
+        assert c.get(path).status_code == 200, path
+    assert files_under(*roots) == after  # rendered once; from then on reads write nothing
+
+
 @integration
 def test_real_study_ran_through_the_api(real_finished: RealStudy) -> None:
     c, sid = real_finished.svc.client, real_finished.study_id
@@ -949,7 +995,7 @@ def test_a_trial_record_written_later_refreshes_the_report(svc: Service) -> None
     first = c.get(f"/studies/{sid}/report").text
     d = svc.settings.study_dir(sid)
     cache = svc.settings.data_dir / "cache" / "reports" / sid
-    (version,) = list(cache.iterdir())
+    (version,) = [p for p in cache.iterdir() if not p.name.startswith(".")]  # .lock: the render lock
     before = (version / "report.html").stat().st_mtime_ns
     assert c.get(f"/studies/{sid}/report").text == first  # cached: not rendered again
     assert (version / "report.html").stat().st_mtime_ns == before
@@ -970,7 +1016,8 @@ def test_a_trial_record_written_later_refreshes_the_report(svc: Service) -> None
     }
     (d / "trials.jsonl").write_text(json.dumps(record) + "\n")
     assert c.get(f"/studies/{sid}/report").text != first
-    assert [p.name for p in cache.iterdir()] != [version.name] and len(list(cache.iterdir())) == 1
+    versions = [p.name for p in cache.iterdir() if not p.name.startswith(".")]
+    assert versions != [version.name] and len(versions) == 1
     assert not (d / "report").exists()
     assert c.get(f"/studies/{sid}/trials").json()["total"] == 1
 
