@@ -21,16 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from service.registry import Registry, Study
-from studies.records import append_record
-from studies.settings import Settings
+from benchmarks.seeding import seed_stopped_study, trial_record
 from studies.spec import StudySpec
-from studies.studydir import new_study_id, prepare_study, update_status
 
 SIZE = {"d_model": 16, "n_layers": 1, "n_heads": 2}
 SPEC: dict[str, Any] = {
@@ -43,42 +41,22 @@ SPEC: dict[str, Any] = {
 
 
 def seed(data_dir: Path) -> str:
-    """One stopped study with a record for each of its planned trials."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    settings = Settings(data_dir=data_dir)
-    registry = Registry(settings.registry)
-    registry.migrate()
+    """One finished study with a record for each of its planned trials."""
     spec = StudySpec.model_validate(SPEC)
-    sid = prepare_study(spec, new_study_id(spec), settings)
-    n = 0
-    for kind in spec.attention:
-        for size in spec.model.all_sizes():
-            for i, point in enumerate(spec.task.points()):
-                for s in spec.seeds:
-                    rec: dict[str, Any] = {"study_id": sid, "trial_id": f"t{n}", "kind": kind, **size.model_dump()}
-                    rec |= {"point": point.name, "coords": list(point.coords), "seed": s, "lr": 0.003}
-                    rec |= {"status": "solved" if i < 2 else "unsolved", "steps": 200, "eval_acc": 1.0 - 0.1 * i}
-                    append_record(settings.study_dir(sid) / "trials.jsonl", rec)
-                    n += 1
-    update_status(settings.study_dir(sid), state="finished", done=n, attempt=0)
-    now = time.time()
-    with registry.session() as session:
-        session.add(
-            Study(
-                id=sid,
-                name=spec.name,
-                spec_json=spec.to_json(),
-                state="finished",
-                created=now,
-                updated=now,
-                launcher="local",
-                attempts=0,
-                planned=spec.planned_trials(),
-                cancel_requested=False,
-            )
-        )
-    registry.engine.dispose()
-    return sid
+
+    def records(sid: str) -> Iterator[dict[str, Any]]:
+        n = 0
+        for kind in spec.attention:
+            for size in spec.model.all_sizes():
+                for i, point in enumerate(spec.task.points()):
+                    for s in spec.seeds:
+                        status = "solved" if i < 2 else "unsolved"
+                        coords = list(point.coords)
+                        more = {"seed": s, "status": status, "eval_acc": 1.0 - 0.1 * i}
+                        yield trial_record(sid, n, kind, size.model_dump(), point.name, coords, **more)
+                        n += 1
+
+    return seed_stopped_study(data_dir, spec, records, "finished")
 
 
 async def round_(url: str, path: str, seconds: float, readers: int) -> tuple[float, float, int]:

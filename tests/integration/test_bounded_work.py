@@ -19,11 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from service.registry import Registry, Study
-from studies.records import append_record
-from studies.settings import Settings
+from benchmarks.seeding import seed_stopped_study, trial_record
 from studies.spec import StudySpec
-from studies.studydir import new_study_id, prepare_study
 from tests.integration.helpers import Server
 
 pytestmark = pytest.mark.integration
@@ -123,37 +120,18 @@ def test_oversized_specs_are_refused_within_2s(server: Server, spec: dict[str, A
 
 def seed_finished(data_dir: Path, n: int) -> list[str]:
     """``n`` stopped studies with trial records, written as a driver would have left them."""
-    settings = Settings(data_dir=data_dir)
-    registry = Registry(settings.registry)
-    ids = []
-    with registry.session() as s:
-        for i in range(n):
-            spec = StudySpec.model_validate(SPEC | {"name": f"r{i}"})
-            sid = prepare_study(spec, new_study_id(spec), settings)
-            for j, (kind, point, status) in enumerate(
-                [("dpa", "N7_T2", "solved"), ("ea", "N7_T2", "solved"), ("dpa", "N61_T6", "unsolved")]
-            ):
-                rec: dict[str, Any] = {"study_id": sid, "trial_id": f"t{j}", "kind": kind, **SIZE, "point": point}
-                rec |= {"coords": [int(point != "N7_T2")], "seed": 0, "lr": 0.003, "status": status, "steps": 200}
-                append_record(settings.study_dir(sid) / "trials.jsonl", rec | {"eval_acc": 0.5 + 0.1 * j})
-            now = time.time()
-            s.add(
-                Study(
-                    id=sid,
-                    name=spec.name,
-                    spec_json=spec.to_json(),
-                    state="cancelled",
-                    created=now,
-                    updated=now,
-                    launcher="local",
-                    attempts=0,
-                    planned=spec.planned_trials(),
-                    cancel_requested=False,
-                )
-            )
-            ids.append(sid)
-    registry.engine.dispose()
-    return ids
+    trials = [("dpa", "N7_T2", "solved"), ("ea", "N7_T2", "solved"), ("dpa", "N61_T6", "unsolved")]
+
+    def records(sid: str) -> list[dict[str, Any]]:
+        return [
+            trial_record(sid, j, kind, SIZE, point, [int(point != "N7_T2")], status=status, eval_acc=0.5 + 0.1 * j)
+            for j, (kind, point, status) in enumerate(trials)
+        ]
+
+    return [
+        seed_stopped_study(data_dir, StudySpec.model_validate(SPEC | {"name": f"r{i}"}), records, "cancelled")
+        for i in range(n)
+    ]
 
 
 def test_healthz_stays_fast_while_submits_and_report_renders_run(server: Server, data_dir: Path) -> None:

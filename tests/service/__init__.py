@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, update
 
+from benchmarks.seeding import study_row
 from service.lifecycle import ACTIVE
 from service.registry import Registry, Slot, Study
 from studies.settings import Settings
@@ -103,25 +104,8 @@ def insert_study(
     parsed = StudySpec.model_validate(spec or TINY_SPEC)
     study_id = new_study_id(parsed)
     prepare_study(parsed, study_id, svc.settings)
-    now = time.time() if created is None else created
     with svc.registry.session() as s:
-        s.add(
-            Study(
-                id=study_id,
-                name=parsed.name,
-                spec_json=parsed.to_json(),
-                state=state,
-                created=now,
-                updated=now,
-                idempotency_key=None,
-                launcher="local",
-                handle=handle,
-                attempts=0,
-                error=error,
-                planned=parsed.planned_trials(),
-                cancel_requested=False,
-            )
-        )
+        s.add(study_row(parsed, study_id, state, created, handle=handle, error=error))
         if state in ACTIVE:  # an active study holds a concurrency slot
             taken = set(s.scalars(select(Slot.slot)).all())
             s.add(Slot(slot=min(set(range(len(taken) + 1)) - taken), study_id=study_id))
