@@ -9,7 +9,8 @@ its steps-to-solve, an unsolved one the whole budget (stop-when-solved), times a
 step cost. Both trial sets go through ``build_report``; we compare the determined frontiers,
 count cells decided with confidence in opposite ways (must be 0) and take the CPU-s ratio.
 ``--repeats`` salts give medians. ``--real SPEC`` also runs a real study both ways on local
-Ray, each in its own driver process; ``--replay STUDY_DIR`` runs the search on a finished
+Ray, each in its own driver process (``--grid-study DIR`` reuses a finished grid study of the same
+spec instead of running it); ``--replay STUDY_DIR`` runs the search on a finished
 real grid study's recorded trials (each trial the search asks for is the recorded one).
 
     .venv/bin/python -m benchmarks.bench_frontier --repeats 20
@@ -214,6 +215,10 @@ def run_real(spec: StudySpec, method: str, data_dir: Path) -> list[TrialRecord]:
     return read_records(data_dir / "studies" / line.split()[1] / "trials.jsonl")
 
 
+def _study_records(study_dir: str) -> list[TrialRecord]:
+    return read_records(Path(study_dir) / "trials.jsonl")
+
+
 def replay(study_dir: Path, concurrency: int) -> dict[str, Any]:
     """The search on a real grid study's own trials: each trial it asks for is the recorded one
     (same seed, same outcome, same CPU-s), so no trial has to run again."""
@@ -240,6 +245,9 @@ def main() -> int:
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
     p.add_argument("--seeds", type=int, help="--real: run the spec with seeds 0..N-1 instead of its own")
     p.add_argument("--keep", help="--real: keep both studies' data directories under this directory")
+    p.add_argument(
+        "--grid-study", help="--real: a finished grid study directory of the same spec, instead of running it"
+    )
     p.add_argument("--replay", help="a finished grid study directory: run the search on its recorded trials")
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
@@ -270,7 +278,7 @@ def main() -> int:
             spec = StudySpec.model_validate(spec.model_dump() | {"seeds": list(range(args.seeds))})
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(args.keep or tmp)
-            g = run_real(spec, "grid", d / "grid")
+            g = _study_records(args.grid_study) if args.grid_study else run_real(spec, "grid", d / "grid")
             s = run_real(spec, "frontier", d / "frontier")
         cmp = compare(build_report(spec, g), build_report(spec, s))
         ratio = sum(r.cpu_s for r in s) / max(1e-9, sum(r.cpu_s for r in g))
