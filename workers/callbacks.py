@@ -105,7 +105,10 @@ def _short(records: list[TrialRecord], spec: StudySpec) -> str:
 class StudyCallback(Callback):
     """Writes trial records, status and progress, and tells the tracker about every trial.
 
-    Picklable (Tune stores it with the experiment): the progress bar is made lazily.
+    Picklable (Tune stores it with the experiment): the progress bar is made lazily, and the
+    records are read from the trials file once per driver (at the first event after a start or
+    a resume) and then kept in memory, so a Tune result costs no file read. The status file is
+    written only when what it shows changes.
     """
 
     def __init__(
@@ -115,9 +118,17 @@ class StudyCallback(Callback):
         self.study_dir = settings.study_dir(study_id)
         self._bar: Any = None
         self._closed: set[str] = set()  # pack members whose record and MLflow run are both final
+        self._by_key: dict[str, TrialRecord] | None = None  # the trials file, as read_records reads it
+        self._shown: dict[str, Any] | None = None  # what the status file shows now
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_bar": None}
+        return self.__dict__ | {"_bar": None, "_by_key": None, "_shown": None}
+
+    def _records(self) -> dict[str, TrialRecord]:
+        """Records by trial key (the last one wins, in file order), read from the file once."""
+        if self._by_key is None:
+            self._by_key = {r.trial_key: r for r in read_records(self.study_dir / RECORDS)}
+        return self._by_key
 
     def _run(self, trial_id: str, cell: dict[str, Any], fixed: dict[str, Any]) -> str:
         return self.tracker.trial_run(trial_id, cell, asdict(trial_config({"cell": cell, "fixed": fixed})))
@@ -152,7 +163,7 @@ class StudyCallback(Callback):
         self._refresh(trials)
 
     def _records_by_id(self) -> dict[str, TrialRecord]:
-        return {r.trial_id: r for r in read_records(self.study_dir / RECORDS)}
+        return {r.trial_id: r for r in self._records().values()}
 
     def _close(self, record: TrialRecord) -> None:
         """Finish the MLflow run of an already recorded pack member, if a kill came between the two."""
@@ -218,28 +229,28 @@ class StudyCallback(Callback):
         )
         if not self._recorded(rec):  # a trial rerun after a resume is recorded (and counted) once
             append_record(self.study_dir / RECORDS, rec)
+            records = self._records()
+            records.pop(rec.trial_key, None)
+            records[rec.trial_key] = rec
         self.tracker.finish(rec)
         self._closed.add(trial_id)
 
     def _recorded(self, rec: TrialRecord) -> bool:
         """An outcome is on file for this trial key already (a failure may be retried and recorded again)."""
-        return any(
-            r.trial_key == rec.trial_key and r.status in OUTCOMES for r in read_records(self.study_dir / RECORDS)
-        )
+        prior = self._records().get(rec.trial_key)
+        return prior is not None and prior.status in OUTCOMES
 
     def _refresh(self, trials: list[Trial]) -> None:
-        records = read_records(self.study_dir / RECORDS)
+        records = list(self._records().values())
         counts: dict[str, int] = {}
         for r in records:
             counts[r.status] = counts.get(r.status, 0) + 1
         running = sum(1 for t in trials if t.status == Trial.RUNNING)
-        update_status(
-            self.study_dir,
-            counts=counts,
-            done=len(records),
-            running=running,
-            frontier=frontier_summary(self.spec, records),
-        )
+        shown = {"counts": counts, "done": len(records), "running": running}
+        if shown == self._shown:
+            return
+        self._shown = shown
+        update_status(self.study_dir, **shown, frontier=frontier_summary(self.spec, records))
         if self.progress:
             if self._bar is None:
                 from tqdm import tqdm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 from studies.records import TrialRecord
 from studies.spec import StudySpec
 from workers.callbacks import fixed_config, frontier_summary, trial_config
@@ -70,3 +72,57 @@ def test_progress_frontier_shows_one_seed_as_undetermined_and_four_agreeing_seed
     lane = frontier_summary(spec, four)["dpa"]["d16_l1_h2"]
     assert lane["determined"] is True and (lane["highest_rung"], lane["highest_possible_rung"]) == (0, 0)
     assert lane["solved"] == ["N7_T2"] and lane["undetermined"] == 0 and lane["text"] == "0 N7_T2"
+
+
+class _Tracker:  # MLflow is not this test's business
+    def trial_run(self, trial_id, cell, config):
+        return f"run-{trial_id}"
+
+    def log_progress(self, run_id, values):
+        pass
+
+    def finish(self, record):
+        pass
+
+
+class _Settings:
+    def __init__(self, path):
+        self.path = path
+
+    def study_dir(self, study_id):
+        return self.path
+
+
+def test_the_callback_reads_the_trials_file_once_and_writes_status_only_on_change(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from workers import callbacks
+    from workers.callbacks import StudyCallback
+    from workers.packing import plan_packs
+
+    reads, writes = [], []
+    real_read, real_update = callbacks.read_records, callbacks.update_status
+    monkeypatch.setattr(callbacks, "read_records", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(callbacks, "update_status", lambda d, **f: writes.append(f) or real_update(d, **f))
+    settings = _Settings(tmp_path)
+    fixed = fixed_config(SPEC)
+    cells = [make_cell(SPEC, "dpa", 0, 0, lr, 0) for lr in (1e-3, 2e-3, 3e-3)]
+    (pack,) = plan_packs(cells, 8, fixed)
+    trial = SimpleNamespace(trial_id="t1", config={"pack": pack, "fixed": fixed}, status=Trial.RUNNING)
+    cb = StudyCallback("s", SPEC, settings, _Tracker())  # type: ignore[arg-type]
+    progress = {"members": {str(i): {"step": 10, "eval_acc": 0.5} for i in range(3)}, "finals": {}}
+    cb.on_trial_start(0, [trial], trial)
+    for _ in range(20):
+        cb.on_trial_result(0, [trial], trial, progress)
+    solved = {"status": "solved", "solved": True, "eval_acc": 1.0, "steps": 10}
+    cb.on_trial_result(0, [trial], trial, {"members": {}, "finals": {"1": solved}})
+    assert len(reads) == 1, "records are read once per driver, then kept in memory"
+    assert len(writes) == 2, "status is written when it changes: the start, then a member's record"
+    assert writes[-1]["done"] == 1 and writes[-1]["counts"] == {"solved": 1}
+    trial.status, trial.last_result = Trial.TERMINATED, {"final": True, "finals": {"1": solved}}
+    cb.on_trial_complete(0, [trial], trial)  # the other two members have no record: stopped
+    assert [r.trial_id for r in real_read(tmp_path / "trials.jsonl")] == ["t1.m1", "t1.m0", "t1.m2"]
+    resumed = pickle.loads(pickle.dumps(cb))  # Tune restores the callback from its experiment state
+    assert resumed._records_by_id().keys() == {"t1.m0", "t1.m1", "t1.m2"} and len(reads) == 2
