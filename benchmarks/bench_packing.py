@@ -9,10 +9,17 @@ Parts (``--parts``, default all):
   is extrapolated from the time per member-step (evaluation included at its share).
 * ``forms``: the two gradient forms of ``GRADIENT_FORMS`` side by side (pack training time).
 * ``kinds``: EA/DPA training time ratio inside the packed trainer, same members, same steps.
+* ``overhead``: what a Tune trial costs beyond its training, component by component (medians of
+  repeats): a bare ``run_pack`` of one quick-start pack, Ray actor start (a fresh worker process
+  that imports the trainer), MLflow (child run creation, one evaluation's metrics, the final
+  record; synchronous and asynchronous), checkpoint I/O (the pack state saved and copied to
+  storage, as Tune persists it), a status write, and the trials-file read the callback used to
+  do on every result. Their sum per pack over the bare pack time is the modelled overhead ratio.
 * ``study``: the quick-start study end to end through the real driver (Ray, MLflow, records),
-  ``execution.pack: auto`` vs ``off``, alternating; and the overhead ratio: packed study wall
-  time over a bare ``run_pack`` of the same packs one after another in one process (no Ray,
-  no MLflow, no checkpoints, no status writes), scaled to the same number of workers.
+  ``execution.pack: auto`` vs ``off``, and the same packs as bare ``run_pack`` calls on as many
+  plain processes as the study has workers (no Ray, no MLflow, no checkpoints, no records or
+  status), the three in a shuffled order in every repetition; the overhead ratio is the packed
+  study's wall time over the bare packs'.
 
 Every timed case is repeated ``--reps`` times in an interleaved, shuffled order; the report
 gives medians and the spread (min-max). Run ``python -m benchmarks.bench_packing --help``.
@@ -136,6 +143,142 @@ def part_kinds(args: argparse.Namespace) -> dict[str, Any]:
     return {"shape": _shape(base), "rows": rows}
 
 
+class _Probe:
+    """A Ray actor that loads what a trial's worker loads (Ray, torch, the packed trainer)."""
+
+    def __init__(self) -> None:
+        import workers.packing  # noqa: F401  (the trainable's module and its imports)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _repeat(fn: Callable[[], Any], n: int) -> list[float]:
+    return [_timed(fn) for _ in range(n)]
+
+
+def _quickstart_pack(kind: str = "dpa", size: int = 1) -> tuple[Any, list[TrialConfig]]:
+    """One pack of the quick-start study (one kind and size, every rung), as the driver plans it."""
+    from studies.spec import StudySpec
+    from workers.callbacks import fixed_config, trial_config
+    from workers.search import grid_cells
+
+    spec = StudySpec.from_file(QUICKSTART)
+    fixed = fixed_config(spec)
+    cells = [c for c in grid_cells(spec) if c["kind"] == kind and c["size_idx"] == size]
+    return spec, [replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in cells]
+
+
+def part_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+
+    import ray
+
+    from studies.records import TrialRecord, append_record, read_records
+    from studies.studydir import update_status
+    from workers import tracking
+    from workers.search import grid_cells
+
+    spec, cfgs = _quickstart_pack()
+    steps, every = args.overhead_steps, cfgs[0].eval_interval
+    short = [replace(c, max_steps=steps, task=[[31, 6]]) for c in cfgs]  # none solves: every member every step
+    n = args.overhead_reps
+    out: dict[str, Any] = {"pack": len(cfgs), "steps_timed": steps, "eval_interval": every}
+    captured: dict[str, Any] = {}
+
+    def keep(evaluated: Any, finished: Any, state: Any) -> None:
+        captured["state"], captured["metrics"] = state(), evaluated[0][1]
+
+    run_pack(short[:1], keep)  # warm-up
+    bare = _repeat(lambda: run_pack(short, keep), n)
+    out["bare_pack_per_eval_s"] = _stats([b / (steps / every) for b in bare])
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        root = Path(tmp)
+
+        # checkpoint I/O: torch.save of the pack state, then Tune's copy of it into the experiment storage
+        def checkpoint() -> None:
+            d, dest = root / "ckpt", root / "storage"
+            d.mkdir()
+            torch.save(captured["state"], d / "pack.pt")
+            shutil.copytree(d, dest)
+            shutil.rmtree(d)
+            shutil.rmtree(dest)
+
+        out["checkpoint_s"] = _stats(_repeat(checkpoint, n * 4))
+        (root / "study").mkdir()
+        out["status_write_s"] = _stats(_repeat(lambda: update_status(root / "study", counts={"solved": 1}), n * 4))
+        cells = grid_cells(spec)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        from studies.settings import Settings
+        from studies.stores import init_stores
+
+        init_stores(Settings(data_dir=root, mlflow_tracking_uri=uri))
+        info = tracking.ensure_study_run(uri, "bench", spec, (root / "artifacts").as_uri())
+        tracker = tracking.StudyTracker("bench", info)
+        records = []
+        for i, cell in enumerate(cells):  # a full quick-start trials file (20 records)
+            fields = {k: cell[k] for k in ("kind", "point", "coords", "seed", "lr")} | cell["size"]
+            rec = TrialRecord.model_validate(fields | {"study_id": "b", "trial_id": f"t{i}", "status": "unsolved"})
+            append_record(root / "trials.jsonl", rec)
+            records.append(rec)
+        out["records_read_s"] = _stats(_repeat(lambda: read_records(root / "trials.jsonl"), n * 4))
+        seeds = iter(range(1, 10_000))
+
+        def create() -> None:  # a new seed: a trial key with no run yet (searched for, then created)
+            seed = next(seeds)
+            tracker.trial_run(f"x{seed}", cells[0] | {"seed": seed}, {})
+
+        out["mlflow_create_run_s"] = _stats(_repeat(create, n * 2))
+        run_id = tracker.trial_run("probe", cells[0], {})
+        metrics = captured["metrics"]
+        out["mlflow_progress_s"] = _stats(
+            _repeat(lambda: tracker.log_progress(run_id, metrics, synchronous=True), n * 4)
+        )
+
+        def queued(k: int = 8) -> None:  # k asynchronous batches and the wait for them, per batch below
+            for _ in range(k):
+                tracker.log_progress(run_id, metrics)
+            tracking.flush()
+
+        out["mlflow_progress_async_s"] = _stats([x / 8 for x in _repeat(queued, n)])
+        out["mlflow_finish_s"] = _stats(
+            _repeat(lambda: tracker.finish(records[0].model_copy(update={"mlflow_run_id": run_id})), n * 2)
+        )
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        probe = ray.remote(num_cpus=1)(_Probe)
+
+        def actor() -> None:
+            a = probe.remote()  # type: ignore[attr-defined]
+            ray.get(a.ping.remote())
+            ray.kill(a)
+
+        actor()  # warm-up: the cluster's first worker
+        out["actor_start_s"] = _stats(_repeat(actor, n))
+    finally:
+        ray.shutdown()
+    # the modelled per-pack cost of one quick-start pack (800 steps, an evaluation every 100)
+    m, evals = len(cfgs), cfgs[0].max_steps // every
+    med = {k: v["median"] for k, v in out.items() if isinstance(v, dict)}
+    bare_pack = med["bare_pack_per_eval_s"] * evals
+    parts = {
+        "actor start": med["actor_start_s"],
+        "MLflow runs (create + finish, per member)": m * (med["mlflow_create_run_s"] + med["mlflow_finish_s"]),
+        "MLflow progress (per member per evaluation, synchronous)": m * evals * med["mlflow_progress_s"],
+        "checkpoints (every evaluation)": evals * med["checkpoint_s"],
+        "status writes (every result)": evals * med["status_write_s"],
+        "trials-file reads (2 per result, before this change)": 2 * evals * med["records_read_s"],
+    }
+    out["model"] = {"members": m, "evaluations": evals, "bare_pack_s": bare_pack, "parts_s": parts}
+    out["model"]["ratio_before"] = (bare_pack + sum(parts.values())) / bare_pack
+    now = dict(parts)
+    now["trials-file reads (2 per result, before this change)"] = 0.0
+    now["status writes (every result)"] = med["status_write_s"] * m  # only when a member's record lands
+    now["MLflow progress (per member per evaluation, synchronous)"] = m * evals * med["mlflow_progress_async_s"]
+    out["model"]["ratio_now"] = (bare_pack + sum(now.values())) / bare_pack
+    return out
+
+
 def _run_study(pack: str, data: Path) -> dict[str, Any]:
     """The quick-start study through the real driver in a fresh process; wall time and its records."""
     from studies.spec import StudySpec
@@ -160,41 +303,59 @@ def _run_study(pack: str, data: Path) -> dict[str, Any]:
     return {"wall_s": wall, "records": records}
 
 
+def _bare_pack(cfgs: list[TrialConfig]) -> float:
+    torch.set_num_threads(1)
+    return _timed(lambda: run_pack(cfgs))
+
+
+def _bare_study(packs: list[list[TrialConfig]], workers: int) -> dict[str, Any]:
+    """The study's packs on ``workers`` plain processes (started before the clock), each pack a bare ``run_pack``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_bare_pack, [[replace(packs[0][0], max_steps=1, eval_interval=1)]] * workers))  # warm
+        t = time.perf_counter()
+        each = list(pool.map(_bare_pack, packs))
+        return {"wall_s": time.perf_counter() - t, "pack_s": each}
+
+
 def part_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Packed study, unpacked study and the bare packs, in a shuffled order in every repetition."""
     from studies.spec import StudySpec
     from workers.callbacks import trial_config
     from workers.driver import fixed_config
     from workers.packing import max_members, plan_packs
     from workers.search import grid_cells
 
-    walls: dict[str, list[float]] = {"auto": [], "off": []}
+    spec = StudySpec.from_file(QUICKSTART)
+    fixed = fixed_config(spec)
+    packs = plan_packs(grid_cells(spec), max_members(spec), fixed, spec.max_concurrent)
+    cfgs = [[replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in p] for p in packs]
+    walls: dict[str, list[float]] = {"auto": [], "off": [], "bare": []}
+    loads: dict[str, list[float]] = {k: [] for k in walls}
     outcomes: dict[str, list[tuple[str, str, str]]] = {}
+    bare: list[list[float]] = []
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.study_reps):
-            order = ["auto", "off"]
+            order = list(walls)
             rng.shuffle(order)
-            for pack in order:
-                res = _run_study(pack, Path(tmp) / f"{pack}{rep}")
-                walls[pack].append(res["wall_s"])
-                outcomes[pack] = sorted(
-                    (r["kind"], f"d{r['d_model']}", r["point"], r["status"]) for r in res["records"]
-                )
-    # The bare loop: the same packs, run_pack one after another, no Ray/MLflow/checkpoints/status.
-    spec = StudySpec.from_file(QUICKSTART)
-    cells = grid_cells(spec)
-    fixed = fixed_config(spec)
-    packs = plan_packs(cells, max_members(spec), fixed, spec.max_concurrent)
-    bare = []
-    for pack in packs:
-        cfgs = [replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in pack]
-        bare.append(_timed(lambda cfgs=cfgs: run_pack(cfgs)))
-    # Packs run max_concurrent at a time: the bare loop's wall on that many workers is at least
-    # max(total / workers, longest pack); we take that lower bound (the most demanding ratio).
-    bare_wall = max(sum(bare) / spec.max_concurrent, max(bare))
-    auto, off = statistics.median(walls["auto"]), statistics.median(walls["off"])
+            for what in order:
+                print(f"[study rep {rep}: {what}]", file=sys.stderr, flush=True)
+                if what == "bare":  # no Ray, MLflow, checkpoints, records or status: training alone
+                    res = _bare_study(cfgs, spec.max_concurrent)
+                    bare.append(res["pack_s"])
+                else:
+                    res = _run_study(what, Path(tmp) / f"{what}{rep}")
+                    outcomes[what] = sorted(
+                        (r["kind"], f"d{r['d_model']}", r["point"], r["status"]) for r in res["records"]
+                    )
+                walls[what].append(res["wall_s"])
+                loads[what].append(round(os.getloadavg()[1], 1))  # 5-minute load at the end of the run
+    auto, off, bare_wall = (statistics.median(walls[k]) for k in ("auto", "off", "bare"))
     return {
-        "walls": {k: _stats(v) | {"runs": v} for k, v in walls.items()},
+        "walls": {k: _stats(v) | {"runs": v, "load5_at_end": loads[k]} for k, v in walls.items()},
         "speedup": off / auto,
         "same_outcomes": outcomes.get("auto") == outcomes.get("off"),
         "outcomes": outcomes,
@@ -223,6 +384,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "throughput": part_throughput,
     "forms": part_forms,
     "kinds": part_kinds,
+    "overhead": part_overhead,
     "study": part_study,
 }
 
@@ -252,6 +414,24 @@ def report(results: dict[str, Any]) -> str:
                     p = r["paired"]
                     ratio = f"{r['ratio_of_medians']:.3f} (target <= {TARGET_KIND_RATIO})"
                     out.append(f"| {name} | {ratio} | paired {p['min']:.3f}-{p['max']:.3f} |")
+    if "overhead" in results:
+        o = results["overhead"]
+        md = o["model"]
+        out += [
+            f"\n## Per-trial overhead (quick-start d32 pack of {o['pack']}; medians of repeats)",
+            "",
+            "| component | median | min-max |",
+            "|---|---|---|",
+        ]
+        for k, v in o.items():
+            if isinstance(v, dict) and "median" in v:
+                out.append(f"| {k} | {v['median'] * 1e3:.1f} ms | {v['min'] * 1e3:.1f}-{v['max'] * 1e3:.1f} ms |")
+        out += [
+            f"\nmodel of one pack ({md['members']} members, {md['evaluations']} evaluations, "
+            f"bare {md['bare_pack_s']:.1f} s):",
+            *[f"- {k}: {v:.2f} s" for k, v in md["parts_s"].items()],
+            f"modelled overhead ratio before {md['ratio_before']:.3f}, now {md['ratio_now']:.3f}",
+        ]
     if "study" in results:
         s = results["study"]
         out += [
@@ -259,8 +439,9 @@ def report(results: dict[str, Any]) -> str:
             f"packed (auto) wall: {s['walls']['auto']['runs']} s, median {s['walls']['auto']['median']:.1f} s",
             f"unpacked (off) wall: {s['walls']['off']['runs']} s, median {s['walls']['off']['median']:.1f} s",
             f"speed-up {s['speedup']:.2f}x (target >= {TARGET_SPEEDUP}); same outcomes per trial: {s['same_outcomes']}",
-            f"packs {s['packs']}; bare run_pack seconds {[round(x, 1) for x in s['bare_pack_s']]}; "
-            f"bare wall on the study's workers {s['bare_wall_s']:.1f} s",
+            f"bare packs on the study's workers: wall {s['walls']['bare']['runs']} s, median {s['bare_wall_s']:.1f} s",
+            f"packs {s['packs']}, each bare {[[round(x, 1) for x in r] for r in s['bare_pack_s']]} s",
+            f"5-min load at the end of each run: {json.dumps({k: v['load5_at_end'] for k, v in s['walls'].items()})}",
             f"overhead (packed study wall / bare) {s['overhead']:.2f} (target <= {TARGET_OVERHEAD})",
         ]
     return "\n".join(out)
@@ -274,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     p.add_argument("--form-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8])
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions per case")
+    p.add_argument("--overhead-steps", type=int, default=200, help="steps of the bare pack in the overhead part")
+    p.add_argument("--overhead-reps", type=int, default=3, help="repetitions of the slow overhead components")
     p.add_argument("--study-reps", type=int, default=2, help="quick-start runs per setting (alternating)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets one)")
     p.add_argument("--seed", type=int, default=0)

@@ -336,6 +336,7 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         log.exception("study %s failed", study_id)
         error = f"{type(e).__name__}: {e}. Resume with: ladder resume {study_id}"
     finally:
+        tracking.flush()  # progress metrics logged asynchronously
         _write_outputs(study_id, spec, settings, mlinfo)
         update_status(d, state=state, attempt=attempt, error=error, finished=time.time(), pid=None, running=0)
         tracking.finish_study_run(mlinfo["tracking_uri"], mlinfo["run_id"], state)

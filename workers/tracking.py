@@ -162,6 +162,13 @@ def log_report(tracking_uri: str, run_id: str, report: Report, report_dir: Path)
 # --- trials: child runs --------------------------------------------------------------------
 
 
+def flush() -> None:
+    """Wait until asynchronously logged metrics are in the store."""
+    import mlflow
+
+    mlflow.flush_async_logging()
+
+
 class StudyTracker:
     """Child runs of one study's trials. Picklable (Tune stores its callbacks): the client is lazy.
 
@@ -234,12 +241,17 @@ class StudyTracker:
         self.client.log_batch(run_id, params=[*logged, Param("coords", json.dumps(cell["coords"]))])
         return run_id
 
-    def log_progress(self, run_id: str, result: dict[str, Any]) -> None:
-        """Metrics of one evaluation (a Tune result) at its training step."""
+    def log_progress(self, run_id: str, result: dict[str, Any], synchronous: bool = False) -> None:
+        """Metrics of one evaluation (a Tune result) at its training step.
+
+        Asynchronous by default (MLflow's queue, flushed by :func:`flush` and at exit): the
+        driver does not wait on the store while trials wait for it to take their next result.
+        A hard kill can lose the queued progress points; records and final metrics are synchronous.
+        """
         values = {k: v for k, v in result.items() if k in PROGRESS_METRICS or k.startswith("acc_")}
         metrics = _metrics(values, int(result.get("step", 0)))
         if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
+            self.client.log_batch(run_id, metrics=metrics, synchronous=synchronous)
 
     def finish(self, record: TrialRecord) -> None:
         """Final metrics and status of a recorded trial; the run ends FINISHED for an outcome, else FAILED."""
