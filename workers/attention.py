@@ -11,9 +11,9 @@ and at Ladder's sizes on a CPU these passes cost about as much as the matmuls. S
 * ``ea`` and ``ea_norm`` run as autograd Functions that compute, bit for bit, what autograd
   computes for their plain expressions (``_ea_plain``, ``_ea_norm_plain``), forward and
   backward, in fewer passes and fewer fresh buffers: EA costs two passes over DPA (the square,
-  and the chain rule through it) instead of four. Double backward and ``torch.func`` work
-  (they take out-of-place branches); under autocast, or with a mask that broadcasts the scores
-  to a bigger shape, the plain expressions run.
+  and the chain rule through it) instead of four. Double backward works (it takes out-of-place
+  branches); under ``torch.func`` transforms (packed trials), under autocast, or with a mask that
+  broadcasts the scores to a bigger shape, the plain expressions run.
 """
 
 from __future__ import annotations
@@ -146,18 +146,32 @@ class _SquaredNormalised(torch.autograd.Function):
         return _square_backward(torch.where(mask, grad / z + grad_z, 0.0), scores, False), None, None
 
 
+def _plain_is_faster(scores: Tensor, mask: Tensor) -> bool:
+    """Where the plain expression is the definition, or the cheaper way to compute it.
+
+    Autocast may change dtypes between ops, and a mask that broadcasts the scores up makes autograd
+    reduce gradients in its own order: there the plain expression is the definition. Under
+    ``torch.func`` transforms (``vmap``: packed trials) the Functions could not write in place
+    anyway, and their generated vmap rule runs forward and backward through Python for every call:
+    EA's attention cost 1.5-2x DPA's in a pack, against ~1.1x with the plain ops (docs/benchmarks.md).
+    """
+    return (
+        torch.is_autocast_enabled(scores.device.type)
+        or not _fits(mask, scores)
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
 def _ea(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
     """Expressive attention: softmax of the squared scaled dot products."""
-    # Autocast may change dtypes between ops, and a mask that broadcasts the scores up makes autograd
-    # reduce gradients in its own order: in those cases the plain expression is the definition.
-    if torch.is_autocast_enabled(scores.device.type) or not _fits(mask, scores):
+    if _plain_is_faster(scores, mask):
         return _ea_plain(scores, mask, eps)
     return _SquaredSoftmax.apply(scores, mask)
 
 
 def _ea_norm(scores: Tensor, mask: Tensor, eps: float) -> Tensor:
     """Squared scaled dot products normalised over the causal context, no softmax."""
-    if torch.is_autocast_enabled(scores.device.type) or not _fits(mask, scores):
+    if _plain_is_faster(scores, mask):
         return _ea_norm_plain(scores, mask, eps)
     weights, _ = _SquaredNormalised.apply(scores, mask, eps)
     return weights
