@@ -97,8 +97,8 @@ def frontier_summary(spec: StudySpec, records: list[TrialRecord]) -> dict[str, d
     return out
 
 
-def _short(records: list[TrialRecord], spec: StudySpec) -> str:
-    s = frontier_summary(spec, records)
+def _short(s: dict[str, dict[str, Any]], spec: StudySpec) -> str:
+    """``frontier_summary`` on one line, for the progress bar."""
     return " ".join(f"{k}:" + "|".join(v["text"] for v in s[k].values()) for k in spec.attention if k in s)
 
 
@@ -250,7 +250,8 @@ class StudyCallback(Callback):
         if shown == self._shown:
             return
         self._shown = shown
-        update_status(self.study_dir, **shown, frontier=frontier_summary(self.spec, records))
+        frontier = frontier_summary(self.spec, records)
+        update_status(self.study_dir, **shown, frontier=frontier)
         if self.progress:
             if self._bar is None:
                 from tqdm import tqdm
@@ -258,7 +259,7 @@ class StudyCallback(Callback):
                 self._bar = tqdm(total=self.spec.planned_trials(), unit="trial", dynamic_ncols=True)
             self._bar.n = len(records)
             bad = sum(v for k, v in counts.items() if k not in OUTCOMES and k != "stopped")
-            self._bar.set_postfix_str(f"running={running} failed={bad} frontier={_short(records, self.spec)}")
+            self._bar.set_postfix_str(f"running={running} failed={bad} frontier={_short(frontier, self.spec)}")
             self._bar.refresh()
 
     def close(self) -> None:
