@@ -2,13 +2,14 @@
 
 A read never re-validates a spec and never re-reads an unchanged records file: records,
 the frontier report and rendered reports are cached under the records file's version
-(size, mtime, inode) and the study's state. Rendering a report that the driver has not
-written yet happens once per version, under a lock, into a new directory that is renamed
-into place (readers see a whole report or none).
+(size, mtime, inode) and the study's state. The HTML report and plots are the driver's
+(``studies.live_report``); only for a study whose driver wrote none is a report rendered
+here, once per version, under a lock, into a new directory renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -23,17 +24,7 @@ from service.schemas import Links, Progress, StudyPublic
 from studies.records import TrialRecord, read_records
 from studies.settings import Settings
 from studies.spec import StudySpec
-from studies.studydir import RECORDS, REPORT, file_lock, read_status
-
-Version = tuple[int, int, int]
-
-
-def file_version(path: Path) -> Version:
-    try:
-        st = path.stat()
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+from studies.studydir import RECORDS, REPORT, Version, file_lock, file_version, read_status
 
 
 def study_public(study: Study, base: str, settings: Settings) -> StudyPublic:
@@ -139,12 +130,19 @@ class Results:
         return text
 
     def report_dir(self, study: Study) -> Path:
-        """A directory with the whole current report: the driver's when it is current, else a cached render."""
+        """A directory with the whole report: the driver's, else (no report by the driver) a cached render.
+
+        A running study's driver re-renders its report as records arrive (``REPORT_EVERY_S``):
+        served as it is. A stopped study's report is served when it is current; a stale or
+        missing one (a study from a version whose driver rendered none) is rendered here, once
+        per records version, under a lock, into the cache.
+        """
         d = self.settings.study_dir(study.id)
         version = file_version(d / RECORDS)
         driver_html = d / REPORT / "report.html"
-        if study.state not in ACTIVE and driver_html.exists() and driver_html.stat().st_mtime_ns >= version[1]:
-            return d / REPORT
+        with contextlib.suppress(FileNotFoundError):  # none yet, or the driver is swapping in a new one
+            if driver_html.stat().st_mtime_ns >= version[1] or study.state in ACTIVE:
+                return d / REPORT
         cache = self.settings.data_dir / "cache" / "reports" / study.id
         out = cache / f"{version[0]}-{version[1]}-{version[2]}-{study.state}"
         if (out / "report.html").exists():

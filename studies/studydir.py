@@ -27,6 +27,18 @@ DRIVER_LOG = "driver.log"
 REPORT = "report"
 
 
+Version = tuple[int, int, int]
+
+
+def file_version(path: Path) -> Version:
+    """(size, mtime ns, inode) of a file, (0, 0, 0) when it is missing: changes whenever it is written or replaced."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never half of either."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")

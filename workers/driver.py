@@ -24,14 +24,13 @@ from ray import tune
 from ray.tune import Checkpoint, Stopper
 from ray.tune.schedulers import ASHAScheduler
 
-from studies.records import read_records, repair_records
+from studies.live_report import ReportRefresher, publish_report
+from studies.records import repair_records
 from studies.settings import Settings, get_settings
 from studies.spec import StudySpec
 from studies.studydir import (
     RECORDS,
-    REPORT,
     driver_lock,
-    publish_dir,
     read_spec,
     read_status,
     update_status,
@@ -326,7 +325,8 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         update_status(d, trainable=used)
         _in_fit = True
         try:
-            tuner.fit()
+            with ReportRefresher(spec, d, _provenance(study_id, spec)):  # the report follows the records
+                tuner.fit()
         finally:
             _in_fit = False
         state = _final_state(d) if _stop_requested else "finished"
@@ -347,22 +347,19 @@ class _Stopped(Exception):
     """A stop signal arrived before Tune started."""
 
 
+def _provenance(study_id: str, spec: StudySpec) -> dict[str, Any]:
+    provenance = {"study_id": study_id, "git_sha": git_sha(), "versions": versions()}
+    return provenance | {
+        "generator_version": GENERATOR_VERSION,
+        "evaluation": spec.evaluation.model_dump() | {"threshold": spec.threshold},
+        "fairness": spec.fairness.model_dump() | {"ea_norm_eps": spec.eps},
+    }
+
+
 def _write_outputs(study_id: str, spec: StudySpec, settings: Settings, mlinfo: dict[str, str]) -> None:
     """The report from the trial records, logged to the parent run."""
     try:
-        from studies.report_html import write_report
-
-        d = settings.study_dir(study_id)
-        records = read_records(d / RECORDS)
-        provenance = {"study_id": study_id, "git_sha": git_sha(), "versions": versions()}
-        provenance |= {
-            "generator_version": GENERATOR_VERSION,
-            "evaluation": spec.evaluation.model_dump() | {"threshold": spec.threshold},
-            "fairness": spec.fairness.model_dump() | {"ea_norm_eps": spec.eps},
-        }
-        with tempfile.TemporaryDirectory(dir=d, prefix=".report-") as tmp:
-            report = write_report(spec, records, Path(tmp) / REPORT, provenance)
-            out = publish_dir(Path(tmp) / REPORT, d / REPORT)  # readers see the old report or the new one
+        report, out = publish_report(spec, settings.study_dir(study_id), _provenance(study_id, spec))
         tracking.log_report(mlinfo["tracking_uri"], mlinfo["run_id"], report, out)
     except ImportError:
         log.info("report module not available; skipping report")

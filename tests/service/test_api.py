@@ -27,6 +27,7 @@ from service.lifecycle import ACTIVE
 from service.registry import Study
 from service.routes.results import PLOTS
 from service.routes.studies import EXAMPLE_SPEC
+from studies.live_report import publish_report
 from studies.records import TrialRecord
 from studies.spec import StudySpec, json_schema
 from studies.studydir import driver_lock, read_status, update_status, write_exit
@@ -834,6 +835,26 @@ def test_reads_of_a_finished_study_write_nothing(svc: Service, finished: str) ->
     for path in reads:
         assert c.get(path).status_code == 200, path
     assert files_under(*roots) == after  # rendered once; from then on reads write nothing
+
+
+def test_a_running_study_serves_its_drivers_report_and_reads_write_nothing(svc: Service) -> None:
+    """While a study runs, its driver re-renders the report as records arrive; the service only serves it."""
+    sid = insert_study(svc, "running")
+    d, c = svc.settings.study_dir(sid), svc.client
+    with driver_lock(d):  # the study's driver lives (for the service's watch too)
+        publish_report(StudySpec.model_validate(TINY_SPEC), d, {"study_id": sid})
+        time.sleep(0.01)
+        rec = {"study_id": sid, "trial_id": "t0", "kind": "dpa", "d_model": 16, "n_layers": 1, "n_heads": 2}
+        rec |= {"point": "N7_T2", "coords": [0], "seed": 0, "lr": 0.003, "status": "solved", "steps": 200}
+        (d / "trials.jsonl").write_text(json.dumps(rec) + "\n")  # newer than the report: the driver renders next
+        before = files_under(svc.settings.data_dir)
+        r = c.get(f"/studies/{sid}/report")
+        assert r.status_code == 200 and r.text == (d / "report" / "report.html").read_text()
+        for name in PLOTS:
+            assert c.get(f"/studies/{sid}/plots/{name}").status_code == 200
+        assert c.get(f"/studies/{sid}/trials").json()["total"] == 1  # the records themselves are current
+        assert files_under(svc.settings.data_dir) == before
+        force_state(svc.registry, sid, "cancelled")
 
 
 @integration
