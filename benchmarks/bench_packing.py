@@ -287,7 +287,7 @@ def _run_study(pack: str, data: Path) -> dict[str, Any]:
     spec["execution"] = {"pack": pack}
     env = os.environ | {"LADDER_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
     code = (
-        "import json,sys; from studies.spec import StudySpec; from workers.driver import prepare_study;"
+        "import json,sys; from studies.spec import StudySpec; from studies.studydir import prepare_study;"
         "print(prepare_study(StudySpec.model_validate(json.loads(sys.argv[1]))))"
     )
     study_id = subprocess.run(
@@ -475,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in parts:
         results[part] = PARTS[part](args)
         print(f"[{part} done]", file=sys.stderr, flush=True)
+        if args.json:  # a later part that fails leaves the earlier ones on disk
+            args.json.write_text(json.dumps(results, indent=2, default=str))
     results["machine_end"] = machine()
     print(report(results))
     if args.json:
