@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
@@ -121,8 +121,15 @@ class StudyCallback(Callback):
         self._by_key: dict[str, TrialRecord] | None = None  # the trials file, as read_records reads it
         self._shown: dict[str, Any] | None = None  # what the status file shows now
 
+    _CACHES: ClassVar[dict[str, Any]] = {"_bar": None, "_by_key": None, "_shown": None}  # rebuilt on use, never pickled
+
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_bar": None, "_by_key": None, "_shown": None}
+        return self.__dict__ | self._CACHES
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune restores this object from the experiment on resume, perhaps pickled by an older version
+        # that had fewer caches: a cache it lacks starts empty rather than failing the resume.
+        self.__dict__.update(self._CACHES | state)
 
     def _records(self) -> dict[str, TrialRecord]:
         """Records by trial key (the last one wins, in file order), read from the file once."""

@@ -126,3 +126,17 @@ def test_the_callback_reads_the_trials_file_once_and_writes_status_only_on_chang
     assert [r.trial_id for r in real_read(tmp_path / "trials.jsonl")] == ["t1.m1", "t1.m0", "t1.m2"]
     resumed = pickle.loads(pickle.dumps(cb))  # Tune restores the callback from its experiment state
     assert resumed._records_by_id().keys() == {"t1.m0", "t1.m1", "t1.m2"} and len(reads) == 2
+
+
+def test_a_callback_pickled_by_an_older_version_resumes(tmp_path):
+    """Tune unpickles the callback of the experiment it restores: one from before the record cache must work."""
+    from workers.callbacks import StudyCallback
+
+    cb = StudyCallback("s", SPEC, _Settings(tmp_path), _Tracker())  # type: ignore[arg-type]
+    state = cb.__getstate__()
+    for cache in ("_by_key", "_shown"):  # what a driver of 2026-11-30 pickled had no such fields
+        del state[cache]
+    old = pickle.loads(pickle.dumps(cb))
+    old.__dict__.clear()
+    old.__setstate__(state)
+    assert old._records_by_id() == {} and old.study_dir == cb.study_dir
