@@ -284,9 +284,18 @@ class PairedOptunaSearch(_PicklingSearcher):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self._upgrade()
         n = self.fail_orphans()
         if n:
             log.warning("marked %d stale RUNNING Optuna trial(s) failed after resume", n)
+
+    def _upgrade(self) -> None:
+        """State a searcher pickled before ``next_cells``/``record`` lacks (it kept picks per Tune trial id)."""
+        if "pick_of" not in self.__dict__:
+            base_of: dict[str, str] = self.__dict__.pop("base_of", {})
+            self.pick_of = {_twin(c): base_of[t] for t, c in self.cell_of.items() if t in base_of}
+            self.pick_of |= {_twin(c): base for base, c in self.pending}
+        self.__dict__.setdefault("spent", False)
 
 
 class FrontierSearch(_PicklingSearcher):

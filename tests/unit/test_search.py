@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -564,3 +565,21 @@ def test_frontier_objective_prefers_a_rung_the_seeds_solve_to_a_higher_one_solve
     ]
     assert old[0] > old[1]
     assert highest_rung_value(7.0, once) < 0 <= highest_rung_value(0.0, always) < highest_rung_value(1.0, always)
+
+
+def test_a_paired_searcher_pickled_before_next_cells_resumes(storage: str, tmp_path: Path) -> None:
+    search = PairedOptunaSearch(PAIRED, storage, "paired")
+    got = take(search, TWINS)
+    old = dict(search.__dict__)  # the state as the version before next_cells/record kept it
+    old["base_of"] = {tid: search.pick_of[(c["kind"], c["seed"], c["size_idx"], c["point"], c["lr"])] for tid, c in got}
+    for name in ("pick_of", "spent"):
+        del old[name]
+    path = tmp_path / "old.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(old | {"_study": None, "_asked": {}}, f)
+    fresh = PairedOptunaSearch.__new__(PairedOptunaSearch)  # as Tune unpickles it: no __init__
+    fresh.restore(str(path))
+    for trial_id, _ in got:
+        fresh.on_trial_complete(trial_id, final(2.0, "solved", 10))
+    assert study(storage).get_trials()[0].state == optuna.trial.TrialState.COMPLETE
+    assert isinstance(fresh.suggest("next"), dict)
