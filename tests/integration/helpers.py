@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,17 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def kill_tree(proc: subprocess.Popen[bytes], known: list[psutil.Process] | None = None) -> None:
-    """SIGKILL the process and every descendant we saw: the local Ray it started, nothing else."""
-    procs = (known or []) + descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait(timeout=30)
+def kill_tree(proc: subprocess.Popen[bytes] | int, known: list[psutil.Process] | None = None) -> None:
+    """SIGKILL the process (a Popen we started, or a pid) and every descendant we saw: its local Ray, nothing else."""
+    pid = proc if isinstance(proc, int) else proc.pid
+    procs = (known or []) + descendants(pid)
+    if isinstance(proc, int):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.insert(0, psutil.Process(pid))
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=30)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -63,35 +69,39 @@ def trial_lines(study_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
+@contextlib.contextmanager
+def driver_mid_study(
+    study_id: str, env: dict[str, str], log: Path, done: int, timeout: float, what: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start the study's driver and wait until ``done`` trials are recorded and one runs; yields the driver.
+
+    On leaving, the driver and every descendant seen meanwhile (its local Ray, the trials) are
+    killed with SIGKILL: a leave without stopping it first is a kill -9 mid-study.
+    """
+    from studies.settings import get_settings
+    from studies.studydir import read_status
+
+    study_dir = get_settings().study_dir(study_id)
+    proc = start_driver(study_id, env, log)
+    seen: list[psutil.Process] = []
+    try:
+
+        def some_done_one_running() -> bool:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
+            return len(trial_lines(study_dir)) >= done and read_status(study_dir).get("running", 0) >= 1
+
+        wait_for(some_done_one_running, timeout, what)
+        yield proc
+    finally:
+        kill_tree(proc, seen)
+
+
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient(tracking_uri).search_runs([experiment_id], max_results=1000)
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
-
-
-def run_until_mid_study(study_id: str, study_dir: Path, env: dict[str, str], log: Path) -> tuple[Any, list[Any]]:
-    """Start the study's driver and wait until one trial is recorded and another runs.
-
-    Returns the driver process and every descendant seen meanwhile (its local Ray and the
-    trials), for ``kill_tree`` however the test stops it.
-    """
-    from studies.studydir import read_status
-
-    proc = start_driver(study_id, env, log)
-    seen: list[psutil.Process] = []
-
-    def one_done_one_running() -> bool:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
-        return len(trial_lines(study_dir)) >= 1 and read_status(study_dir).get("running", 0) >= 1
-
-    try:
-        wait_for(one_done_one_running, 400, "a finished trial and a running one")
-    except BaseException:
-        kill_tree(proc, seen)
-        raise
-    return proc, seen
 
 
 class Server:

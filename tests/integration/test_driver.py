@@ -16,12 +16,11 @@ from studies.spec import StudySpec
 from studies.studydir import prepare_study, read_status
 from tests.integration.helpers import (
     child_runs,
-    descendants,
     driver_env,
+    driver_mid_study,
     kill_tree,
     start_driver,
     trial_lines,
-    wait_for,
 )
 from workers.tasks import GENERATOR_VERSION
 
@@ -113,19 +112,8 @@ def test_killed_packed_optuna_study_resumes_without_loss_or_duplicates(data_dir:
     study_dir = settings.study_dir(study_id)
     env = driver_env(data_dir)
     log = data_dir / "driver.log"
-    proc = start_driver(study_id, env, log)
-    seen: list = []
-    try:
-
-        def some_done_some_running() -> bool:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
-            st = read_status(study_dir)
-            return len(trial_lines(study_dir)) >= 2 and st.get("running", 0) >= 1
-
-        wait_for(some_done_some_running, 240, "two finished trials and one running")
-    finally:
-        kill_tree(proc, seen)  # kill -9 mid-study
+    with driver_mid_study(study_id, env, log, 2, 240, "two finished trials and one running"):
+        pass  # kill -9 mid-study
     before = {r["trial_id"] for r in trial_lines(study_dir)}
     assert 2 <= len(before) < spec.planned_trials()
     assert all(".m" in t for t in before), "optuna picks run packed"
@@ -214,19 +202,8 @@ def test_killed_packed_grid_study_resumes_with_every_member_recorded_once(data_d
     study_dir = settings.study_dir(study_id)
     env = driver_env(data_dir)
     log = data_dir / "driver.log"
-    proc = start_driver(study_id, env, log)
-    seen: list = []
-    try:
-
-        def some_members_done_packs_running() -> bool:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            seen[:] = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
-            st = read_status(study_dir)
-            return len(trial_lines(study_dir)) >= 2 and st.get("running", 0) >= 1
-
-        wait_for(some_members_done_packs_running, 240, "finished members and a running pack")
-    finally:
-        kill_tree(proc, seen)  # kill -9 mid-pack
+    with driver_mid_study(study_id, env, log, 2, 240, "finished members and a running pack"):
+        pass  # kill -9 mid-pack
     before = {r["trial_id"] for r in trial_lines(study_dir)}
     assert 2 <= len(before) < spec.planned_trials()
     assert all(".m" in t for t in before), "grid trials run packed by default"

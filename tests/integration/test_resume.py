@@ -19,7 +19,7 @@ from studies.records import read_records
 from studies.settings import get_settings
 from studies.spec import StudySpec
 from studies.studydir import SPEC, STATUS, prepare_study, read_exit, read_status, write_json_atomic
-from tests.integration.helpers import driver_env, kill_tree, run_until_mid_study, start_driver, trial_lines
+from tests.integration.helpers import driver_env, driver_mid_study, kill_tree, start_driver, trial_lines
 from workers.packing import max_members
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,13 +30,11 @@ TRAINING = {"max_steps": 800, "eval_interval": 50, "eval_sequences": 128}
 def _stop_mid_run(study_id: str, data_dir: Path, hard: bool) -> None:
     """Run the driver until one trial is recorded and another runs, then SIGKILL its tree (hard) or SIGTERM it."""
     log = data_dir / "driver.log"
-    proc, seen = run_until_mid_study(study_id, get_settings().study_dir(study_id), driver_env(data_dir), log)
-    try:
+    # On leaving: the driver, its local Ray and the trials, all by SIGKILL at once (hard), or what is left of them.
+    with driver_mid_study(study_id, driver_env(data_dir), log, 1, 400, "a finished trial and a running one") as proc:
         if not hard:
             proc.terminate()
             assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
-    finally:
-        kill_tree(proc, seen)  # hard: the driver, its local Ray and the trials, all by SIGKILL at once
 
 
 def _resume_to_end(study_id: str, data_dir: Path) -> None:

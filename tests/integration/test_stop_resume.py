@@ -21,8 +21,8 @@ from studies.studydir import prepare_study, read_status
 from tests.integration.helpers import (
     child_runs,
     driver_env,
+    driver_mid_study,
     kill_tree,
-    run_until_mid_study,
     start_driver,
     trial_lines,
 )
@@ -47,8 +47,7 @@ def test_stop_then_resume_counts_every_trial_once(data_dir: Path, signum: int) -
     study_dir = settings.study_dir(study_id)
     env = driver_env(data_dir)
     log = data_dir / "driver.log"
-    proc, seen = run_until_mid_study(study_id, study_dir, env, log)
-    try:
+    with driver_mid_study(study_id, env, log, 1, 400, "a finished trial and a running one") as proc:
         # A second driver of the same study refuses while this one lives.
         second = subprocess.run(
             [sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, text=True, timeout=300
@@ -56,8 +55,6 @@ def test_stop_then_resume_counts_every_trial_once(data_dir: Path, signum: int) -
         assert second.returncode == 3, second.stdout[-2000:] + second.stderr[-2000:]
         proc.send_signal(signum)
         assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
-    finally:
-        kill_tree(proc, seen)
     status = read_status(study_dir)
     assert status["state"] == "interrupted", status
     before = {r.trial_key for r in read_records(study_dir / "trials.jsonl")}
