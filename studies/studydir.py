@@ -125,19 +125,26 @@ DRIVER_PID = "driver.pid"
 
 
 @contextlib.contextmanager
-def driver_lock(study_dir: Path) -> Iterator[bool]:
+def driver_lock(study_dir: Path, wait_s: float = 0.0) -> Iterator[bool]:
     """Held by the study's one driver for its whole life; yields False when another driver holds it.
 
     The kernel drops the lock when the holder dies (even by SIGKILL), so it is also the
-    cheapest, surest probe of whether a local driver is alive.
+    cheapest, surest probe of whether a local driver is alive. That probe takes the lock for
+    an instant: a driver passes ``wait_s`` so that a probe at its start does not look like a
+    second driver to it.
     """
     study_dir.mkdir(parents=True, exist_ok=True)
+    end = time.monotonic() + wait_s
     with open(study_dir / DRIVER_LOCK, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    yield False
+                    return
+                time.sleep(0.05)
         try:
             yield True
         finally:

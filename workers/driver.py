@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 EXIT_CODES = {"finished": 0, "cancelled": 0, "interrupted": 0, "duplicate": 3}  # anything else: 1
 _stop_requested = False  # set by SIGTERM/SIGINT in the driver process
+DRIVER_LOCK_WAIT_S = 3.0  # the service's liveness probe holds the study's driver lock for an instant
 _in_fit = False  # Tune's own interrupt handler (SIGUSR1) is installed only while Tuner.fit runs
 
 
@@ -272,7 +273,7 @@ def run_study(
     _stop_requested = False
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGINT, _on_stop_signal)
-    with driver_lock(d) as mine:
+    with driver_lock(d, wait_s=DRIVER_LOCK_WAIT_S) as mine:
         if not mine:
             log.error("another driver of study %s is running; this one exits", study_id)
             return "duplicate"
