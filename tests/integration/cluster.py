@@ -53,8 +53,8 @@ def base_env(role: str, **extra: str) -> dict[str, str]:
 # --- processes -----------------------------------------------------------------------
 
 
-def marked(pred: Callable[[str], bool]) -> list[psutil.Process]:
-    """Our processes whose ``LR_TEST_PROC`` satisfies ``pred``, with all their descendants.
+def marked(pred: Callable[[str], bool], var: str = MARKER) -> list[psutil.Process]:
+    """Our processes whose ``LR_TEST_PROC`` (or ``var``) satisfies ``pred``, with all their descendants.
 
     Ray renames its workers and agents (``ray::...``, setproctitle), which clobbers what
     /proc shows of their environment: they are found as descendants of a marked process.
@@ -62,7 +62,7 @@ def marked(pred: Callable[[str], bool]) -> list[psutil.Process]:
     roots = []
     for p in psutil.process_iter():
         try:
-            role = p.environ().get(MARKER)
+            role = p.environ().get(var)
             if role is not None and pred(role):
                 roots.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
@@ -87,11 +87,11 @@ def kill_all(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def kill_marked(pred: Callable[[str], bool], rounds: int = 5) -> int:
+def kill_marked(pred: Callable[[str], bool], rounds: int = 5, var: str = MARKER) -> int:
     """SIGKILL every marked process and its descendants until none is left."""
     killed = 0
     for _ in range(rounds):
-        procs = marked(pred)
+        procs = marked(pred, var)
         if not procs:
             break
         kill_all(procs)
