@@ -35,7 +35,7 @@ def died_reason(study: Study, launcher: Launcher, settings: Settings) -> str:
     elif code is not None:
         said = f"exited with code {code}"
     else:
-        said = "was killed without writing its exit record (SIGKILL, out of memory or a lost machine)"
+        said = "was killed (SIGKILL, out of memory or a lost machine: it wrote no exit record)"
     tail = log_tail(d, lines=15)
     msg = f"the driver {said} without reporting a result; resume with POST /studies/{study.id}/resume"
     return msg + (f"\nlast lines of driver.log:\n{tail}" if tail else "")

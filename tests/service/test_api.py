@@ -717,7 +717,7 @@ def test_startup_reconciles_studies_whose_driver_is_gone(open_service: OpenServi
         c = second.client
         body = c.get(f"/studies/{gone}").json()
         assert body["state"] == "failed"  # a driver that died without a verdict: the reason, and how to go on
-        assert "killed without writing its exit record" in body["error"], body["error"]
+        assert "it wrote no exit record" in body["error"], body["error"]
         assert f"POST /studies/{gone}/resume" in body["error"]
         # A service that did not start the driver still reports its exit code and reason.
         error = c.get(f"/studies/{crashed}").json()["error"]
