@@ -31,6 +31,15 @@ def start_driver(study_id: str, env: dict[str, str], log: Path, resume: bool = F
     return subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def resume_to_end(study_id: str, env: dict[str, str], log: Path, timeout: float) -> None:
+    """Resume the study's driver and wait for it to exit 0; its process tree is stopped either way."""
+    proc = start_driver(study_id, env, log, resume=True)
+    try:
+        assert proc.wait(timeout=timeout) == 0, log.read_text()[-4000:]
+    finally:
+        kill_tree(proc)
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     driver_env,
     driver_mid_study,
     kill_tree,
+    resume_to_end,
     start_driver,
     trial_lines,
 )
@@ -118,11 +119,7 @@ def test_killed_packed_optuna_study_resumes_without_loss_or_duplicates(data_dir:
     assert 2 <= len(before) < spec.planned_trials()
     assert all(".m" in t for t in before), "optuna picks run packed"
 
-    proc = start_driver(study_id, env, log, resume=True)
-    try:
-        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
-    finally:
-        kill_tree(proc)
+    resume_to_end(study_id, env, log, timeout=300)
 
     status = read_status(study_dir)
     assert status["state"] == "finished"
@@ -208,11 +205,7 @@ def test_killed_packed_grid_study_resumes_with_every_member_recorded_once(data_d
     assert 2 <= len(before) < spec.planned_trials()
     assert all(".m" in t for t in before), "grid trials run packed by default"
 
-    proc = start_driver(study_id, env, log, resume=True)
-    try:
-        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
-    finally:
-        kill_tree(proc)
+    resume_to_end(study_id, env, log, timeout=300)
 
     status = read_status(study_dir)
     assert status["state"] == "finished"

@@ -19,7 +19,7 @@ from studies.records import read_records
 from studies.settings import get_settings
 from studies.spec import StudySpec
 from studies.studydir import SPEC, STATUS, prepare_study, read_exit, read_status, write_json_atomic
-from tests.integration.helpers import driver_env, driver_mid_study, kill_tree, start_driver, trial_lines
+from tests.integration.helpers import driver_env, driver_mid_study, resume_to_end, trial_lines
 from workers.packing import max_members
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,11 +39,7 @@ def _stop_mid_run(study_id: str, data_dir: Path, hard: bool) -> None:
 
 def _resume_to_end(study_id: str, data_dir: Path) -> None:
     log = data_dir / "driver.log"
-    proc = start_driver(study_id, driver_env(data_dir), log, resume=True)
-    try:
-        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
-    finally:
-        kill_tree(proc)
+    resume_to_end(study_id, driver_env(data_dir), log, timeout=900)
     assert read_status(get_settings().study_dir(study_id))["state"] == "finished", log.read_text()[-4000:]
 
 

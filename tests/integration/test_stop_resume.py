@@ -22,8 +22,7 @@ from tests.integration.helpers import (
     child_runs,
     driver_env,
     driver_mid_study,
-    kill_tree,
-    start_driver,
+    resume_to_end,
     trial_lines,
 )
 
@@ -60,11 +59,7 @@ def test_stop_then_resume_counts_every_trial_once(data_dir: Path, signum: int) -
     before = {r.trial_key for r in read_records(study_dir / "trials.jsonl")}
     assert 1 <= len(before) < spec.planned_trials()
 
-    proc = start_driver(study_id, env, log, resume=True)
-    try:
-        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        kill_tree(proc)
+    resume_to_end(study_id, env, log, timeout=600)
     assert read_status(study_dir)["state"] == "finished"
     lines = trial_lines(study_dir)
     keys = [r.trial_key for r in read_records(study_dir / "trials.jsonl")]
