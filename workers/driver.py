@@ -134,7 +134,9 @@ def build_tuner(
             param_space["cell"] = tune.grid_search(cells)
     else:
         inner: PairedOptunaSearch | FrontierSearch = (
-            PairedOptunaSearch(spec, settings.optuna_url, study_id) if method == "optuna" else FrontierSearch(spec)
+            PairedOptunaSearch(spec, settings.optuna_url, study_id)
+            if method == "optuna"
+            else FrontierSearch(spec, fill_packs=limit > 1)
         )
         # packed: one Tune trial per pack, asked a pack per kind at a time so that kinds stay paired
         search_alg = PackSearch(inner, fixed, limit, limit * len(spec.attention)) if limit > 1 else inner

@@ -321,15 +321,26 @@ class FrontierSearch(_PicklingSearcher):
     and early-stopped trials are censored: retried up to ``max_retries`` times on the same seed,
     never counted as unsolved. With too few seeds to decide any cell, it runs the whole grid.
 
+    With ``fill_packs`` (set when the study trains packs, ``workers.pack_search``), the search
+    fills the packs it opens where that costs less: a pack's member-step costs far less than a
+    trial alone (docs/benchmarks.md, "Throughput by pack size"), and each kind's cells on a lane
+    form one pack. Two rules: (1) a cell whose outcomes disagree gets at once every seed that could
+    still decide it (toward its majority), as one pack, rather than one seed per pack; (2) the
+    ``verify`` check of a lane's easiest rung, which every lane needs (the walk or the check
+    probes it), joins the first pack the lane opens for that kind instead of running alone at the
+    end. Speculating further (the probed rung's deciding seeds, the top rung's, the next rung up)
+    costs more than it saves in the packing-aware simulation (``benchmarks/bench_frontier.py``).
+
     ``next_cells(k)`` hands out up to k trial cells at once (a pack); ``record(cell, result)``
     tells the searcher one cell's result. ``suggest`` / ``on_trial_complete`` wrap them for Tune.
     """
 
-    def __init__(self, spec: StudySpec, max_retries: int = 2, verify: bool = True) -> None:
+    def __init__(self, spec: StudySpec, max_retries: int = 2, verify: bool = True, fill_packs: bool = False) -> None:
         super().__init__(metric="score", mode="max")
         self.spec = spec
         self.max_retries = max_retries
         self.verify = verify
+        self.fill_packs = fill_packs
         points = spec.task.points()
         self.points = points
         self.index = {tuple(p.coords): i for i, p in enumerate(points)}
@@ -406,7 +417,9 @@ class FrontierSearch(_PicklingSearcher):
         """Seeds to add to a probed cell now: 0 once it is decided or the seeds left cannot decide it.
 
         The fewest that could decide it while its outcomes agree; one at a time once they disagree,
-        so a cell that turns out undecidable stops as soon as it is.
+        so a cell that turns out undecidable stops as soon as it is. With ``fill_packs``, the fewest
+        that could decide it even when they disagree: one pack of several seeds costs less than
+        the same seeds one pack each.
         """
         k, n = self._counts(kind, si, pi)
         if not n or decide(k, n) != "undetermined":
@@ -414,7 +427,7 @@ class FrontierSearch(_PicklingSearcher):
         need = seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind])))
         if need is None:
             return 0
-        return need if k in (0, n) else 1
+        return need if k in (0, n) or self.fill_packs else 1
 
     def _top(self, kind: str, si: int, rest: tuple[int, ...]) -> int:
         """The highest rung most of whose seeds solved it on this lane (-1: none)."""
@@ -501,11 +514,36 @@ class FrontierSearch(_PicklingSearcher):
                 for seed in self._free_seeds(si, self.index[(*rest, r)], [kind])[:n]
                 for lr in self.lrs
             ]
+            if self.fill_packs:
+                cells += self._early_checks(cells)
         for c in cells:
             self.in_flight[self._key(c)] += 1
         return sorted(
             cells, key=lambda c: (c["size_idx"], c["coords"], c["seed"], c["lr"], self.kinds.index(c["kind"]))
         )
+
+    def _early_checks(self, planned: list[Cell]) -> list[Cell]:
+        """``fill_packs``: the easiest rung's one-seed check (``verify``), in the pack each kind opens on a lane.
+
+        Every lane ends up probing its easiest rung (the walk reaches it, or ``verify`` checks it once
+        the boundary is settled), so running it now, in a pack, only saves a pack of one later.
+        Only for a kind with cells planned on the lane (a pack it opens anyway), where that rung has
+        no outcome and nothing in flight for the kind: a seed ``_free_seeds`` allows.
+        """
+        if not self.verify:
+            return []
+        out: list[Cell] = []
+        for kind, si, rest in sorted({(c["kind"], c["size_idx"], tuple(c["coords"][:-1])) for c in planned}):
+            first = min(r for r in range(self.length) if (*rest, r) in self.index)
+            pi = self.index[(*rest, first)]
+            if any(c["kind"] == kind and c["size_idx"] == si and c["coords"] == [*rest, first] for c in planned):
+                continue
+            flying = any(v and k[:3] == (kind, si, pi) for k, v in self.in_flight.items())
+            if self.outcomes.get((kind, si, pi)) or flying:
+                continue
+            seeds = self._free_seeds(si, pi, [kind])[:1]
+            out += [make_cell(self.spec, kind, si, pi, lr, seed) for seed in seeds for lr in self.lrs]
+        return out
 
     def _lane_wants(self, si: int, rest: tuple[int, ...]) -> dict[int, dict[str, int]]:
         """{rung: {kind: new seeds}} on one lane; a cell's first probe runs every kind (paired seeds)."""

@@ -107,9 +107,12 @@ class Sim:
             assert len(self.done) + len(self.failed) <= max_trials
 
 
+LADDER_TOPS = {("dpa", 0): -1, ("ea", 0): 2, ("dpa", 1): 4, ("ea", 1): 7}
+
+
 def ladder_truth(cell: Cell) -> int:
     """A known monotone frontier per (kind, size), from -1 (nothing solved) to 7 (everything solved)."""
-    return {("dpa", 0): -1, ("ea", 0): 2, ("dpa", 1): 4, ("ea", 1): 7}[(cell["kind"], cell["size_idx"])]
+    return LADDER_TOPS[(cell["kind"], cell["size_idx"])]
 
 
 SEEDS8 = list(range(8))
@@ -135,15 +138,21 @@ def boundaries(search: FrontierSearch, spec: StudySpec) -> dict[Lane, tuple[int,
     }
 
 
-@pytest.mark.parametrize("concurrency", [1, 3, 64])
-def test_boundary_search_settles_a_monotone_ladder_with_a_fraction_of_the_grid(concurrency: int) -> None:
-    search = FrontierSearch(LADDER)
+def settled(search: FrontierSearch, spec: StudySpec, concurrency: int) -> Sim:
+    """Runs the search on ``ladder_truth`` to the end; asserts it found every lane's boundary."""
     sim = Sim(search, ladder_truth, concurrency)
     sim.run()
     assert sim.finished and search.done()
-    expected = {("dpa", 0): -1, ("ea", 0): 2, ("dpa", 1): 4, ("ea", 1): 7}
-    for (kind, si, _), (lo, hi, monotone) in boundaries(search, LADDER).items():
-        assert monotone and lo == expected[(kind, si)] and hi == lo + 1, (kind, si, lo, hi)
+    for (kind, si, _), (lo, hi, monotone) in boundaries(search, spec).items():
+        assert monotone and lo == LADDER_TOPS[(kind, si)] and hi == lo + 1, (kind, si, lo, hi)
+    return sim
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 64])
+def test_boundary_search_settles_a_monotone_ladder_with_a_fraction_of_the_grid(concurrency: int) -> None:
+    search = FrontierSearch(LADDER)
+    sim = settled(search, LADDER, concurrency)
+    expected = LADDER_TOPS
     # a probe is one seed; only the cells the report needs decided get more: 4 (Wilson: 4/4 > 0.5,
     # 0/4 < 0.5), never more, and those are the boundary cells or rungs probed above the boundary
     per_cell: dict[tuple[Any, ...], set[int]] = {}
@@ -194,6 +203,48 @@ def test_extra_seeds_go_only_to_the_kind_still_undetermined() -> None:
     assert at[3] == [("ea", 4)], "outcomes disagree: one seed at a time, to the undetermined kind only"
     assert at[2] == [(k, s) for k in ("dpa", "ea") for s in (1, 2, 3)], "the boundary's solved side: 3 more seeds"
     assert all(not at[r] for r in (0, 1, 4, 5, 6, 7)), "nothing below the boundary, nothing above it"
+
+
+def test_fill_packs_gives_a_disagreeing_cell_every_seed_that_could_decide_it_at_once() -> None:
+    spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, search={"method": "frontier"})
+    search = FrontierSearch(spec, fill_packs=True)
+    for kind in spec.attention:
+        for rung in range(3):
+            tell(search, spec, kind, 0, rung, [0], 1)
+    tell(search, spec, "dpa", 0, 3, [0, 1, 2, 3], 0)
+    tell(search, spec, "ea", 0, 3, [0, 1, 2, 3], 1)  # 1/4: four more unsolved seeds make it 1/8, unsolved
+    got = search.next_cells(100)
+    at = {r: sorted((c["kind"], c["seed"]) for c in got if c["coords"] == [r]) for r in range(len(RUNGS))}
+    assert at[3] == [("ea", s) for s in (4, 5, 6, 7)], "one pack of the seeds that could decide it, not one each"
+    assert at[2] == [(k, s) for k in ("dpa", "ea") for s in (1, 2, 3)]
+    assert at[0] == [], "the easiest rung already has an outcome: no check"
+    assert all(not at[r] for r in (1, 4, 5, 6, 7))
+
+
+def test_fill_packs_checks_the_easiest_rung_in_the_first_pack_and_never_asks_for_it_again() -> None:
+    search = FrontierSearch(LADDER, fill_packs=True)
+    batch = search.next_cells(100)
+    # the middle rung of each fresh lane, and the easiest rung, one seed, for each kind that opens a pack
+    assert sorted((c["kind"], c["size_idx"], c["coords"][0], c["seed"]) for c in batch) == sorted(
+        (k, si, r, 0) for k in ("dpa", "ea") for si in (0, 1) for r in (0, 3)
+    )
+    assert search.next_cells(100) == [], "every lane busy; the easiest rung is in flight"
+    for c in batch:
+        search.record(c, {"final": True, "status": "solved" if c["coords"][0] == 0 else "unsolved"})
+    nxt = search.next_cells(100)
+    assert nxt and all(c["coords"][0] != 0 for c in nxt), "the easiest rung has its outcome"
+    plain = FrontierSearch(LADDER)
+    assert all(c["coords"][0] != 0 for c in plain.next_cells(100)), "without fill_packs it waits for the end"
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 64])
+def test_fill_packs_settles_the_ladder_within_the_spec_seeds_and_never_repeats_a_trial(concurrency: int) -> None:
+    search = FrontierSearch(LADDER_2LR, fill_packs=True)
+    sim = settled(search, LADDER_2LR, concurrency)
+    keys = [(c["kind"], *probe_key(c)) for _, c in sim.suggested]
+    assert len(keys) == len(set(keys)), "no trial twice"
+    assert {c["seed"] for _, c in sim.suggested} <= set(SEEDS8)
+    assert len(sim.done) <= 0.35 * LADDER_2LR.planned_trials()
 
 
 def test_a_cell_the_seeds_left_cannot_decide_gets_no_more_and_the_walk_goes_past_it() -> None:
