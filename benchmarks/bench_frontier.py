@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
+import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -40,6 +43,9 @@ from ray.tune.search import Searcher
 from studies.records import TrialRecord, read_records
 from studies.report import Report, build_report
 from studies.spec import StudySpec
+from workers.callbacks import fixed_config
+from workers.pack_search import PackSearch
+from workers.packing import max_members, plan_packs
 from workers.search import FrontierSearch, grid_cells
 
 RUNGS = [[[5, 1]], [[7, 1]], [[7, 2]], [[11, 2]], [[13, 2]], [[13, 3]], [[17, 3]], [[19, 4]], [[23, 4]], [[29, 4]]]
@@ -102,12 +108,54 @@ def _u(*key: Any) -> float:
     return int(hashlib.sha256(repr(key).encode()).hexdigest()[:12], 16) / 16**12
 
 
+def step_cost(size_idx: int) -> float:
+    """CPU-s per training step of a trial trained alone (a pack of one): bigger models cost more."""
+    return 2e-3 * (1 + size_idx)
+
+
+# Per-member-step cost by pack size, measured (docs/benchmarks.md, "Throughput by pack size": the
+# quick-start's d32 shape on the 2-core box under load, ms per member-step): a pack of 1 448.3, of 8
+# 186.4, of 32 145.3, of 64 163.0. Between the measured sizes the cost is interpolated linearly in
+# log(pack size). The same relative curve is applied to every simulated model size (only d32 was measured).
+PACK_COST_MS = ((1, 448.3), (8, 186.4), (32, 145.3), (64, 163.0))
+
+
+def member_step_factor(n: int) -> float:
+    """A member-step's cost in a pack of ``n`` members training, relative to a pack of one."""
+    if n <= 1:
+        return 1.0
+    for (n0, c0), (n1, c1) in itertools.pairwise(PACK_COST_MS):
+        if n <= n1:
+            t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+            return (c0 + t * (c1 - c0)) / PACK_COST_MS[0][1]
+    return PACK_COST_MS[-1][1] / PACK_COST_MS[0][1]
+
+
+def pack_costs(steps: list[int], cost: float) -> tuple[list[float], list[float]]:
+    """Each member's CPU-s and finish time (CPU-s since the pack started) in a pack of members stopping at ``steps``.
+
+    As ``workers.packed.run_pack`` trains a pack: every step trains the members still active (a solved
+    member leaves), each member-step costs ``cost`` times ``member_step_factor(active)``, and each step's
+    cost is split evenly among the members it trained. One pack runs on one worker, so its wall time
+    is its CPU-s.
+    """
+    share, finish = [0.0] * len(steps), [0.0] * len(steps)
+    done = 0
+    member = wall = 0.0
+    active = len(steps)
+    for i in sorted(range(len(steps)), key=steps.__getitem__):
+        seg = (steps[i] - done) * cost * member_step_factor(active)
+        member, wall, done = member + seg, wall + seg * active, steps[i]
+        share[i], finish[i] = member, wall
+        active -= 1
+    return share, finish
+
+
 def simulate(ladder: Ladder, cell: dict[str, Any], salt: int) -> TrialRecord:
     rung, size_idx = cell["coords"][0], cell["size_idx"]
     key = (cell["kind"], size_idx, rung, cell["seed"], cell["lr"], salt)
     solved = _u("solved", *key) < ladder.p(cell["kind"], size_idx, rung)
     steps = int(MAX_STEPS * (0.2 + 0.6 * _u("steps", *key))) // 100 * 100 if solved else MAX_STEPS
-    step_cost = 2e-3 * (1 + size_idx)  # CPU-s per step, bigger models cost more
     return TrialRecord(
         study_id=ladder.name,
         trial_id=f"{cell['kind']}/{size_idx}/{rung}/{cell['seed']}/{cell['lr']}/{_u('id', *key):.12f}",
@@ -121,7 +169,7 @@ def simulate(ladder: Ladder, cell: dict[str, Any], salt: int) -> TrialRecord:
         eval_acc=1.0 if solved else 0.5,
         steps=steps,
         steps_to_solve=steps if solved else None,
-        cpu_s=steps * step_cost,
+        cpu_s=steps * step_cost(size_idx),
     )
 
 
@@ -151,6 +199,65 @@ def search_records(
         rec = oracle(cell)
         out.append(rec)
         search.on_trial_complete(trial_id, {"final": True, "status": rec.status})
+
+
+def _member(rec: TrialRecord, cpu_s: float) -> TrialRecord:
+    return rec.model_copy(update={"cpu_s": cpu_s})
+
+
+def packed_grid_records(ladder: Ladder, salt: int, concurrency: int) -> list[TrialRecord]:
+    """The grid as the driver packs it (``plan_packs``, at most ``max_members`` per pack), costed per pack size."""
+    spec = ladder.spec
+    out: list[TrialRecord] = []
+    for pack in plan_packs(grid_cells(spec), max_members(spec), fixed_config(spec), concurrency):
+        recs = [simulate(ladder, c, salt) for c in pack]
+        share, _ = pack_costs([r.steps for r in recs], step_cost(pack[0]["size_idx"]))
+        out += [_member(r, c) for r, c in zip(recs, share, strict=True)]
+    return out
+
+
+def packed_search_records(
+    spec: StudySpec, oracle: Callable[[dict[str, Any]], TrialRecord], concurrency: int, search: Any
+) -> list[TrialRecord]:
+    """Drive ``search`` through ``PackSearch`` as Tune does on ``concurrency`` workers, one pack per worker.
+
+    Time is CPU-s (a pack's wall time is its CPU-s, ``pack_costs``). A member's record reaches the
+    searcher when it finishes (solved members leave their pack early); a worker asks for the next pack
+    when its pack's last member has finished.
+    """
+    limit = max_members(spec)
+    packer = PackSearch(search, fixed_config(spec), limit, limit * len(spec.attention))
+    events: list[tuple[float, int, str, int]] = []  # (time, tie-break, pack trial id, member index)
+    members: dict[str, list[TrialRecord]] = {}
+    left: dict[str, int] = {}
+    out: list[TrialRecord] = []
+    now, n, seq = 0.0, 0, 0
+    while True:
+        while len(left) < concurrency:
+            got = packer.suggest(f"p{n}")
+            if got is None or got == Searcher.FINISHED:
+                break
+            tid, pack = f"p{n}", got["pack"]
+            n += 1
+            recs = [oracle(c) for c in pack]
+            share, finish = pack_costs([r.steps for r in recs], step_cost(pack[0]["size_idx"]))
+            members[tid], left[tid] = [_member(r, c) for r, c in zip(recs, share, strict=True)], len(pack)
+            for i, t in enumerate(finish):
+                heapq.heappush(events, (now + t, seq, tid, i))
+                seq += 1
+        if not events:
+            if not packer.inner.done():
+                raise RuntimeError("the search stalled: nothing running, nothing handed out, not done")
+            return out
+        now, _, tid, i = heapq.heappop(events)
+        rec = members[tid][i]
+        out.append(rec)
+        final = {"status": rec.status, "solved": rec.status == "solved", "eval_acc": rec.eval_acc}
+        packer.on_trial_result(tid, {"finals": {str(i): final}})
+        left[tid] -= 1
+        if not left[tid]:
+            del left[tid], members[tid]
+            packer.on_trial_complete(tid, {})
 
 
 def compare(grid: Report, search: Report) -> dict[str, Any]:
@@ -183,8 +290,26 @@ def compare(grid: Report, search: Report) -> dict[str, Any]:
 
 
 def run_simulated(ladder: Ladder, salt: int, concurrency: int) -> dict[str, Any]:
+    """Unpacked: every trial costs what it would alone (the grid and the search one trial per worker)."""
     g = grid_records(ladder, salt)
     s = search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency)
+    cmp = compare(build_report(ladder.spec, g), build_report(ladder.spec, s))
+    cpu_g, cpu_s = sum(r.cpu_s for r in g), sum(r.cpu_s for r in s)
+    return {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": cpu_s / cpu_g, **cmp}
+
+
+MODES = {
+    "solo": "solo cost (every trial as if alone on a worker)",
+    "packed": "packed cost (grid packed as the driver packs it; search through PackSearch)",
+    "packed+fill": "packed cost, search with fill_packs",
+}
+
+
+def run_packed(ladder: Ladder, salt: int, concurrency: int, fill_packs: bool) -> dict[str, Any]:
+    """Packed: the grid packed as the driver packs it, the search through ``PackSearch``; costs by pack size."""
+    g = packed_grid_records(ladder, salt, concurrency)
+    search = FrontierSearch(ladder.spec, fill_packs=fill_packs)
+    s = packed_search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency, search)
     cmp = compare(build_report(ladder.spec, g), build_report(ladder.spec, s))
     cpu_g, cpu_s = sum(r.cpu_s for r in g), sum(r.cpu_s for r in s)
     return {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": cpu_s / cpu_g, **cmp}
@@ -242,6 +367,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--repeats", type=int, default=20, help="salts per simulated ladder (medians over them)")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument(
+        "--cost",
+        choices=["solo", "packed", "both"],
+        default="both",
+        help="simulated cost: every trial alone (solo); packed as the driver packs, per-member-step cost by pack "
+        "size, the search without and with fill_packs (packed); both",
+    )
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
     p.add_argument("--seeds", type=int, help="--real: run the spec with seeds 0..N-1 instead of its own")
     p.add_argument("--keep", help="--real: keep both studies' data directories under this directory")
@@ -252,26 +384,35 @@ def main() -> int:
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
     raw: dict[str, Any] = {}
-    print(f"simulated ladders, {args.repeats} salts each, concurrency {args.concurrency}")
-    print(
-        "| ladder | kinds x sizes x rungs x seeds | grid trials | search trials (median) | CPU-s search/grid "
-        "(median, max) | determined frontiers found | contradictions |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for ladder in LADDERS if args.repeats else []:
-        runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
-        raw[ladder.name] = runs
-        spec = ladder.spec
-        shape = f"{len(spec.attention)} x {len(spec.model.all_sizes())} x {len(spec.task.points())} x {len(spec.seeds)}"
-        ratios = [r["cpu_ratio"] for r in runs]
-        found = sum(r["same_in_search"] for r in runs)
-        total = sum(r["determined_in_grid"] for r in runs)
+    modes = {"solo": ["solo"], "packed": ["packed", "packed+fill"], "both": ["solo", "packed", "packed+fill"]}
+    for mode in modes[args.cost] if args.repeats else []:
+        print(f"\nsimulated ladders, {MODES[mode]}, {args.repeats} salts each, concurrency {args.concurrency}")
         print(
-            f"| {ladder.name} | {shape} | {runs[0]['trials_grid']} | "
-            f"{statistics.median(r['trials_search'] for r in runs):.0f} | "
-            f"{statistics.median(ratios):.2f}, {max(ratios):.2f} | {found}/{total} | "
-            f"{sum(r['contradictions'] for r in runs)} |"
+            "| ladder | kinds x sizes x rungs x seeds | grid trials | search trials (median) | CPU-s search/grid "
+            "(median, max) | determined frontiers found | contradictions |"
         )
+        print("|---|---|---|---|---|---|---|")
+        for ladder in LADDERS:
+            if mode == "solo":
+                runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
+            else:
+                fill = mode == "packed+fill"
+                runs = [run_packed(ladder, salt, args.concurrency, fill) for salt in range(args.repeats)]
+            raw.setdefault(mode, {})[ladder.name] = runs
+            spec = ladder.spec
+            shape = (
+                f"{len(spec.attention)} x {len(spec.model.all_sizes())} x {len(spec.task.points())} x {len(spec.seeds)}"
+            )
+            ratios = [r["cpu_ratio"] for r in runs]
+            found = sum(r["same_in_search"] for r in runs)
+            total = sum(r["determined_in_grid"] for r in runs)
+            print(
+                f"| {ladder.name} | {shape} | {runs[0]['trials_grid']} | "
+                f"{statistics.median(r['trials_search'] for r in runs):.0f} | "
+                f"{statistics.median(ratios):.3f}, {max(ratios):.2f} | {found}/{total} | "
+                f"{sum(r['contradictions'] for r in runs)} |",
+                flush=True,
+            )
     if args.real:
         spec = StudySpec.from_file(args.real)
         if args.seeds:
