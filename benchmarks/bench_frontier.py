@@ -6,7 +6,12 @@ each run twice on the same simulated trials: the grid runs every (kind, size, ru
 Tune drives it (``--concurrency`` trials in flight). A trial's outcome and cost depend only on
 its (kind, size, rung, seed, salt), so both searches see the same data. A solved trial costs
 its steps-to-solve, an unsolved one the whole budget (stop-when-solved), times a per-size
-step cost. Both trial sets go through ``build_report``; we compare the determined frontiers,
+step cost. That is the ``solo`` cost (every trial as if alone on a worker). The ``packed`` cost
+(``--cost``) sees what packing does: the grid is packed as the driver packs it (``plan_packs``,
+at most 32 members), the search is driven through ``PackSearch`` (one pack per worker, members
+reported as they finish) without and with ``fill_packs``, and a member-step costs more the
+smaller its pack (``PACK_COST_MS``, calibrated on the measured table in docs/benchmarks.md;
+``pack_costs``). Both trial sets go through ``build_report``; we compare the determined frontiers,
 count cells decided with confidence in opposite ways (must be 0) and take the CPU-s ratio.
 ``--repeats`` salts give medians. ``--real SPEC`` also runs a real study both ways on local
 Ray, each in its own driver process (``--grid-study DIR`` reuses a finished grid study of the same
@@ -14,6 +19,7 @@ spec instead of running it); ``--replay STUDY_DIR`` runs the search on a finishe
 real grid study's recorded trials (each trial the search asks for is the recorded one).
 
     .venv/bin/python -m benchmarks.bench_frontier --repeats 20
+    .venv/bin/python -m benchmarks.bench_frontier --repeats 60 --cost packed --sim-seeds 4
     .venv/bin/python -m benchmarks.bench_frontier --repeats 0 --real studies/quickstart.yaml --seeds 4 --keep DIR
     .venv/bin/python -m benchmarks.bench_frontier --repeats 0 --replay ladder-data/studies/quickstart-1a2b3c4d
 """
@@ -21,6 +27,7 @@ real grid study's recorded trials (each trial the search asks for is the recorde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -374,6 +381,7 @@ def main() -> int:
         help="simulated cost: every trial alone (solo); packed as the driver packs, per-member-step cost by pack "
         "size, the search without and with fill_packs (packed); both",
     )
+    p.add_argument("--sim-seeds", type=int, help="simulated ladders: seeds 0..N-1 instead of 8")
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
     p.add_argument("--seeds", type=int, help="--real: run the spec with seeds 0..N-1 instead of its own")
     p.add_argument("--keep", help="--real: keep both studies' data directories under this directory")
@@ -393,6 +401,9 @@ def main() -> int:
         )
         print("|---|---|---|---|---|---|---|")
         for ladder in LADDERS:
+            if args.sim_seeds:
+                seeds = list(range(args.sim_seeds))
+                ladder = dataclasses.replace(ladder, spec=ladder.spec.model_copy(update={"seeds": seeds}))
             if mode == "solo":
                 runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
             else:
