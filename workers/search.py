@@ -335,6 +335,8 @@ class FrontierSearch(_PicklingSearcher):
     tells the searcher one cell's result. ``suggest`` / ``on_trial_complete`` wrap them for Tune.
     """
 
+    fill_packs = False  # a searcher pickled before fill_packs existed resumes without it
+
     def __init__(self, spec: StudySpec, max_retries: int = 2, verify: bool = True, fill_packs: bool = False) -> None:
         super().__init__(metric="score", mode="max")
         self.spec = spec

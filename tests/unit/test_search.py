@@ -386,6 +386,23 @@ def test_boundary_search_save_restore_continues_identically(tmp_path: Path) -> N
     assert boundaries(fresh, LADDER) == boundaries(search, LADDER)
 
 
+def test_a_boundary_searcher_pickled_before_fill_packs_resumes(tmp_path: Path) -> None:
+    search = FrontierSearch(LADDER)
+    sim = Sim(search, ladder_truth, concurrency=3)
+    for _ in range(5):
+        sim.step()
+    del search.__dict__["fill_packs"]  # the state an older version pickled
+    path = tmp_path / "searcher.pkl"
+    search.save(str(path))
+    fresh = FrontierSearch.__new__(FrontierSearch)  # as Tune unpickles a searcher: no __init__
+    fresh.restore(str(path))
+    assert fresh.fill_packs is False  # resumes as it was started
+    again = Sim(fresh, ladder_truth, concurrency=3)
+    again.running, again.next_id = deque(sim.running), sim.next_id  # the trials in flight at the save
+    again.run()
+    assert again.finished
+
+
 # --- PairedOptunaSearch -----------------------------------------------------------------------
 
 PAIRED = spec_of(
