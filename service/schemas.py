@@ -50,6 +50,12 @@ class StudyPublic(BaseModel):
         "[certain, possible] rungs, whether it is determined, undetermined cells",
     )
     mlflow: dict[str, str] = {}
+    timings: dict[str, float] = Field(
+        default={},
+        description="where the latest driver's wall time went, in seconds: imports_s (process start and imports), "
+        "startup_s (stores, MLflow parent run, Ray), fit_s (Ray Tune: every trial with its worker start, "
+        "checkpoints and callbacks), outputs_s (report, plots, MLflow artifacts); set when a driver ends",
+    )
     links: Links
 
 

@@ -68,6 +68,7 @@ def study_public(study: Study, base: str, settings: Settings) -> StudyPublic:
         ),
         frontier=status.get("frontier", {}),
         mlflow={k: str(v) for k, v in ml.items()},
+        timings=status.get("timings") or {},
         links=links,
     )
 

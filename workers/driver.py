@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import torch
 from ray import tune
@@ -54,6 +55,12 @@ EXIT_CODES = {"finished": 0, "cancelled": 0, "interrupted": 0, "duplicate": 3}  
 _stop_requested = False  # set by SIGTERM/SIGINT in the driver process
 DRIVER_LOCK_WAIT_S = 3.0  # the service's liveness probe holds the study's driver lock for an instant
 _in_fit = False  # Tune's own interrupt handler (SIGUSR1) is installed only while Tuner.fit runs
+# Tune deletes a trial's checkpoints beyond the newest KEEP_CHECKPOINTS when it registers a new one, and
+# snapshots its experiment state (which names the checkpoint a resume restores) at the end of that loop
+# step at the latest: a driver killed in between resumes to a deleted checkpoint. With two kept, the
+# checkpoint a snapshot names is deleted only at every second registration without a snapshot since the
+# one before (never when evaluations are further apart than Tune's snapshot period, >= 10 s), not at every one.
+KEEP_CHECKPOINTS = 2
 
 
 # --- trial side -----------------------------------------------------------------------
@@ -164,6 +171,8 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=spec.max_concurrent,
+            # Reusing workers would save a process start per Tune trial, but with reuse_actors=True a
+            # worker killed twice left a trial 'preempted' (the chaos suite, seed 1; docs/reliability.md).
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
@@ -172,7 +181,7 @@ def build_tuner(
             stop=CombinedStopper(*stoppers) if stoppers else None,
             callbacks=[StudyCallback(study_id, spec, settings, tracker, progress)],
             failure_config=tune.FailureConfig(max_failures=2),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             verbose=0,
         ),
     )
@@ -299,6 +308,7 @@ def run_study(
 def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool, progress: bool, attempt: int) -> str:
     global _in_fit
     d = settings.study_dir(study_id)
+    phases = _Phases()
     update_status(d, state="running", attempt=attempt, pid=os.getpid(), started=time.time(), error=None)
     from studies.stores import init_stores
 
@@ -320,6 +330,7 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         # ray.init installs a native SIGTERM handler that aborts the process: take the signals back.
         signal.signal(signal.SIGTERM, _on_stop_signal)
         signal.signal(signal.SIGINT, _on_stop_signal)
+        phases.mark("startup_s")
         if resume and tune.Tuner.can_restore(str(exp_path)):
             tuner, used = _restore_tuner(exp_path, spec, read_status(d).get("trainable"))
         else:
@@ -332,6 +343,7 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
                 tuner.fit()
         finally:
             _in_fit = False
+            phases.mark("fit_s")
         state = _final_state(d) if _stop_requested else "finished"
     except _Stopped:
         state = _final_state(d)
@@ -339,15 +351,38 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         log.exception("study %s failed", study_id)
         error = f"{type(e).__name__}: {e}. Resume with: ladder resume {study_id}"
     finally:
+        phases.last = time.time()  # what ran before (if the study stopped early) is not the outputs' time
         tracking.flush()  # progress metrics logged asynchronously
         _write_outputs(study_id, spec, settings, mlinfo)
-        update_status(d, state=state, attempt=attempt, error=error, finished=time.time(), pid=None, running=0)
+        phases.mark("outputs_s")
+        log.info("driver phases (s): %s", phases.timings)
+        done = {"finished": time.time(), "pid": None, "running": 0, "timings": phases.timings}
+        update_status(d, state=state, attempt=attempt, error=error, **done)
         tracking.finish_study_run(mlinfo["tracking_uri"], mlinfo["run_id"], state)
     return state
 
 
 class _Stopped(Exception):
     """A stop signal arrived before Tune started."""
+
+
+class _Phases:
+    """Where this driver's wall time went, for ``status.json`` (``timings``) and the API.
+
+    ``imports_s``: from the process's start to the driver's work (interpreter, torch, Ray, MLflow
+    imports); ``startup_s``: stores, the MLflow parent run and Ray; ``fit_s``: Tune's run (every
+    trial, with actor starts, checkpoints and callbacks); ``outputs_s``: the report, its plots and
+    their MLflow artifacts. A phase the driver did not reach is absent.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.time()
+        self.timings = {"imports_s": round(self.last - psutil.Process().create_time(), 3)}
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.timings[phase] = round(now - self.last, 3)
+        self.last = now
 
 
 def _provenance(study_id: str, spec: StudySpec) -> dict[str, Any]:

@@ -58,6 +58,9 @@ def test_submit_poll_frontier_report_and_csv(server: Server) -> None:
     assert study["state"] in ("launching", "running")
     done = server.wait_state(study["id"], ("finished", "failed"), 240)
     assert done["state"] == "finished", done
+    timings = done["timings"]  # where the driver's wall time went
+    assert set(timings) == {"imports_s", "startup_s", "fit_s", "outputs_s"}, timings
+    assert timings["fit_s"] > 0 and all(v >= 0 for v in timings.values()), timings
     assert done["progress"] == {"planned": 4, "done": 4, "running": 0, "counts": done["progress"]["counts"]}
     assert sum(done["progress"]["counts"].values()) == 4
 
