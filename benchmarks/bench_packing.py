@@ -300,7 +300,23 @@ def _run_study(pack: str, data: Path) -> dict[str, Any]:
         raise RuntimeError(f"the {pack} quick-start driver failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
     lines = (data / "studies" / study_id / "trials.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines if x.strip()]
-    return {"wall_s": wall, "records": records}
+    timings = json.loads((data / "studies" / study_id / "status.json").read_text())["timings"]
+    return {"wall_s": wall, "records": records, "timings": timings}
+
+
+def _pack_name(kind: str, d_model: int, points: list[str]) -> str:
+    return f"{kind} d{d_model} " + ",".join(sorted(points))
+
+
+def _trained_walls(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Each pack's wall time inside its trainable (its slowest member's ``wall_s``), by ``_pack_name``."""
+    packs: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        packs.setdefault(r["trial_id"].rsplit(".m", 1)[0], []).append(r)
+    return {
+        _pack_name(rs[0]["kind"], rs[0]["d_model"], [r["point"] for r in rs]): max(r["wall_s"] for r in rs)
+        for rs in packs.values()
+    }
 
 
 def _bare_pack(cfgs: list[TrialConfig]) -> float:
@@ -332,10 +348,13 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     fixed = fixed_config(spec)
     packs = plan_packs(grid_cells(spec), max_members(spec), fixed, spec.max_concurrent)
     cfgs = [[replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in p] for p in packs]
+    names = [_pack_name(p[0].attention, p[0].d_model, [f"N{c.task[0][0]}_T{c.task[0][1]}" for c in p]) for p in cfgs]
     walls: dict[str, list[float]] = {"auto": [], "off": [], "bare": []}
     loads: dict[str, list[float]] = {k: [] for k in walls}
     outcomes: dict[str, list[tuple[str, str, str]]] = {}
     bare: list[list[float]] = []
+    timings: dict[str, list[dict[str, float]]] = {"auto": [], "off": []}  # the driver's phases (status.json)
+    trained: list[dict[str, float]] = []  # per packed run: each pack's wall inside its trainable
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.study_reps):
@@ -348,12 +367,21 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
                     bare.append(res["pack_s"])
                 else:
                     res = _run_study(what, Path(tmp) / f"{what}{rep}")
+                    timings[what].append(res["timings"])
+                    if what == "auto":
+                        trained.append(_trained_walls(res["records"]))
                     outcomes[what] = sorted(
                         (r["kind"], f"d{r['d_model']}", r["point"], r["status"]) for r in res["records"]
                     )
                 walls[what].append(res["wall_s"])
                 loads[what].append(round(os.getloadavg()[1], 1))  # 5-minute load at the end of the run
     auto, off, bare_wall = (statistics.median(walls[k]) for k in ("auto", "off", "bare"))
+    # Per-trial overhead, two ways, each against the bare packs of the same repetition: the Tune run
+    # (every pack with its worker start, checkpoints, reports and the driver's callbacks; not the
+    # driver's imports, start-up or report) over the bare packs on as many workers; and each pack's
+    # wall inside its trainable over the same pack bare.
+    fit = [t["fit_s"] / b for t, b in zip(timings["auto"], walls["bare"], strict=True)]
+    per_pack = [w[n] / b for w, row in zip(trained, bare, strict=True) for n, b in zip(names, row, strict=True)]
     return {
         "walls": {k: _stats(v) | {"runs": v, "load5_at_end": loads[k]} for k, v in walls.items()},
         "speedup": off / auto,
@@ -363,6 +391,9 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
         "bare_pack_s": bare,
         "bare_wall_s": bare_wall,
         "overhead": auto / bare_wall,
+        "timings": timings,
+        "overhead_fit": _stats(fit) | {"runs": fit},
+        "overhead_per_pack": _stats(per_pack) | {"runs": per_pack, "packs": names},
     }
 
 
@@ -443,6 +474,13 @@ def report(results: dict[str, Any]) -> str:
             f"packs {s['packs']}, each bare {[[round(x, 1) for x in r] for r in s['bare_pack_s']]} s",
             f"5-min load at the end of each run: {json.dumps({k: v['load5_at_end'] for k, v in s['walls'].items()})}",
             f"overhead (packed study wall / bare) {s['overhead']:.2f} (target <= {TARGET_OVERHEAD})",
+            f"driver phases, packed: {s['timings']['auto']}",
+            f"driver phases, unpacked: {s['timings']['off']}",
+            f"per-trial overhead (Tune run of the packed study / bare packs on its workers): median "
+            f"{s['overhead_fit']['median']:.3f}, runs {[round(x, 3) for x in s['overhead_fit']['runs']]}",
+            f"per-pack overhead (wall inside the trainable / the same pack bare): median "
+            f"{s['overhead_per_pack']['median']:.3f}, range {s['overhead_per_pack']['min']:.3f}-"
+            f"{s['overhead_per_pack']['max']:.3f}",
         ]
     return "\n".join(out)
 
