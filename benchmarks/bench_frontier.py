@@ -121,10 +121,16 @@ def step_cost(size_idx: int) -> float:
 
 
 # Per-member-step cost by pack size, measured (docs/benchmarks.md, "Throughput by pack size": the
-# quick-start's d32 shape on the 2-core box under load, ms per member-step): a pack of 1 448.3, of 8
-# 186.4, of 32 145.3, of 64 163.0. Between the measured sizes the cost is interpolated linearly in
-# log(pack size). The same relative curve is applied to every simulated model size (only d32 was measured).
-PACK_COST_MS = ((1, 448.3), (8, 186.4), (32, 145.3), (64, 163.0))
+# quick-start's d32 shape on the 2-core box, ms per member-step), two calibrations (``--pack-cost``):
+# "loaded", at load average 12-36 (Intel Xeon): a pack of 1 448.3, of 8 186.4, of 32 145.3, of 64 163.0;
+# "quiet", at load average below 1.4 (AMD EPYC, 2026-12-01): 13.40, 7.86, 8.07, 8.67. Between the
+# measured sizes the cost is interpolated linearly in log(pack size). The same relative curve is
+# applied to every simulated model size (only d32 was measured).
+PACK_COSTS_MS = {
+    "loaded": ((1, 448.3), (8, 186.4), (32, 145.3), (64, 163.0)),
+    "quiet": ((1, 13.40), (8, 7.86), (32, 8.07), (64, 8.67)),
+}
+PACK_COST_MS = PACK_COSTS_MS["loaded"]  # the calibration in use (``--pack-cost`` sets it)
 
 
 def member_step_factor(n: int) -> float:
@@ -382,6 +388,12 @@ def main() -> int:
         "size, the search without and with fill_packs (packed); both",
     )
     p.add_argument("--sim-seeds", type=int, help="simulated ladders: seeds 0..N-1 instead of 8")
+    p.add_argument(
+        "--pack-cost",
+        choices=sorted(PACK_COSTS_MS),
+        default="loaded",
+        help="--cost packed: the per-member-step cost calibration by pack size (measured loaded or quiet)",
+    )
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
     p.add_argument("--seeds", type=int, help="--real: run the spec with seeds 0..N-1 instead of its own")
     p.add_argument("--keep", help="--real: keep both studies' data directories under this directory")
@@ -391,6 +403,8 @@ def main() -> int:
     p.add_argument("--replay", help="a finished grid study directory: run the search on its recorded trials")
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
+    global PACK_COST_MS
+    PACK_COST_MS = PACK_COSTS_MS[args.pack_cost]
     raw: dict[str, Any] = {}
     modes = {"solo": ["solo"], "packed": ["packed", "packed+fill"], "both": ["solo", "packed", "packed+fill"]}
     for mode in modes[args.cost] if args.repeats else []:
