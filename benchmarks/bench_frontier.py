@@ -302,13 +302,18 @@ def compare(grid: Report, search: Report) -> dict[str, Any]:
     }
 
 
+def versus(spec: StudySpec, grid: list[TrialRecord], search: list[TrialRecord]) -> dict[str, Any]:
+    """The search's trials against the grid's: trial counts, CPU-s ratio and ``compare`` of their reports."""
+    ratio = sum(r.cpu_s for r in search) / max(1e-9, sum(r.cpu_s for r in grid))
+    cmp = compare(build_report(spec, grid), build_report(spec, search))
+    return {"trials_grid": len(grid), "trials_search": len(search), "cpu_ratio": ratio, **cmp}
+
+
 def run_simulated(ladder: Ladder, salt: int, concurrency: int) -> dict[str, Any]:
     """Unpacked: every trial costs what it would alone (the grid and the search one trial per worker)."""
     g = grid_records(ladder, salt)
     s = search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency)
-    cmp = compare(build_report(ladder.spec, g), build_report(ladder.spec, s))
-    cpu_g, cpu_s = sum(r.cpu_s for r in g), sum(r.cpu_s for r in s)
-    return {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": cpu_s / cpu_g, **cmp}
+    return versus(ladder.spec, g, s)
 
 
 MODES = {
@@ -323,9 +328,7 @@ def run_packed(ladder: Ladder, salt: int, concurrency: int, fill_packs: bool) ->
     g = packed_grid_records(ladder, salt, concurrency)
     search = FrontierSearch(ladder.spec, fill_packs=fill_packs)
     s = packed_search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency, search)
-    cmp = compare(build_report(ladder.spec, g), build_report(ladder.spec, s))
-    cpu_g, cpu_s = sum(r.cpu_s for r in g), sum(r.cpu_s for r in s)
-    return {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": cpu_s / cpu_g, **cmp}
+    return versus(ladder.spec, g, s)
 
 
 # --- a real study on local Ray --------------------------------------------------------------
@@ -371,9 +374,7 @@ def replay(study_dir: Path, concurrency: int) -> dict[str, Any]:
         ]
 
     found = search_records(spec, oracle, concurrency)
-    cmp = compare(build_report(spec, grid), build_report(spec, found))
-    ratio = sum(r.cpu_s for r in found) / max(1e-9, sum(r.cpu_s for r in grid))
-    return {"trials_grid": len(grid), "trials_search": len(found), "cpu_ratio": ratio, **cmp}
+    return versus(spec, grid, found)
 
 
 def main() -> int:
@@ -446,9 +447,7 @@ def main() -> int:
             d = Path(args.keep or tmp)
             g = _study_records(args.grid_study) if args.grid_study else run_real(spec, "grid", d / "grid")
             s = run_real(spec, "frontier", d / "frontier")
-        cmp = compare(build_report(spec, g), build_report(spec, s))
-        ratio = sum(r.cpu_s for r in s) / max(1e-9, sum(r.cpu_s for r in g))
-        raw["real"] = {"trials_grid": len(g), "trials_search": len(s), "cpu_ratio": ratio, **cmp}
+        raw["real"] = versus(spec, g, s)
         print(f"\nreal {args.real}: {json.dumps(raw['real'])}")
     if args.replay:
         raw["replay"] = replay(Path(args.replay), args.concurrency)
