@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,6 +83,22 @@ def test_wilson_interval_known_values_and_edges():
     assert hi == pytest.approx(1.0, abs=1e-15) and lo == pytest.approx(100 / (100 + Z95**2), rel=1e-9)
     lo, hi = wilson_interval(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+@pytest.mark.parametrize("confidence", [0.8, 0.9, 0.99])
+@pytest.mark.parametrize(("k", "n"), [(0, 7), (3, 7), (7, 7), (40, 97)])
+def test_wilson_interval_at_other_confidences_matches_scipy(k: int, n: int, confidence: float) -> None:
+    from scipy.stats import binomtest  # the reference only: the workers no longer import scipy.stats
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    assert wilson_interval(k, n, confidence) == pytest.approx((ref.low, ref.high), abs=1e-12)
+
+
+def test_a_trial_worker_does_not_import_scipy_stats() -> None:
+    """Every trial's worker process imports the trainers; scipy.stats alone cost it about a second."""
+    code = "import sys, workers.packing, workers.trial; print('scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 # --- eval sets --------------------------------------------------------------------------------------------------
