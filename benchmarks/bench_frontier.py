@@ -10,7 +10,7 @@ step cost. That is the ``solo`` cost (every trial as if alone on a worker). The 
 (``--cost``) sees what packing does: the grid is packed as the driver packs it (``plan_packs``,
 at most 32 members), the search is driven through ``PackSearch`` (one pack per worker, members
 reported as they finish) without and with ``fill_packs``, and a member-step costs more the
-smaller its pack (``PACK_COST_MS``, calibrated on the measured table in docs/benchmarks.md;
+smaller its pack (``PACK_COSTS_MS``, calibrated on the measured table in docs/benchmarks.md;
 ``pack_costs``). Both trial sets go through ``build_report``; we compare the determined frontiers,
 count cells decided with confidence in opposite ways (must be 0) and take the CPU-s ratio.
 ``--repeats`` salts give medians. ``--real SPEC`` also runs a real study both ways on local
@@ -126,29 +126,30 @@ def step_cost(size_idx: int) -> float:
 # "quiet", at load average below 1.4 (AMD EPYC, 2026-12-01): 13.40, 7.86, 8.07, 8.67. Between the
 # measured sizes the cost is interpolated linearly in log(pack size). The same relative curve is
 # applied to every simulated model size (only d32 was measured).
-PACK_COSTS_MS = {
+Curve = tuple[tuple[int, float], ...]  # (pack size, ms per member-step), by rising pack size
+PACK_COSTS_MS: dict[str, Curve] = {
     "loaded": ((1, 448.3), (8, 186.4), (32, 145.3), (64, 163.0)),
     "quiet": ((1, 13.40), (8, 7.86), (32, 8.07), (64, 8.67)),
 }
-PACK_COST_MS = PACK_COSTS_MS["loaded"]  # the calibration in use (``--pack-cost`` sets it)
+LOADED = PACK_COSTS_MS["loaded"]  # the default calibration
 
 
-def member_step_factor(n: int) -> float:
+def member_step_factor(n: int, curve: Curve = LOADED) -> float:
     """A member-step's cost in a pack of ``n`` members training, relative to a pack of one."""
     if n <= 1:
         return 1.0
-    for (n0, c0), (n1, c1) in itertools.pairwise(PACK_COST_MS):
+    for (n0, c0), (n1, c1) in itertools.pairwise(curve):
         if n <= n1:
             t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
-            return (c0 + t * (c1 - c0)) / PACK_COST_MS[0][1]
-    return PACK_COST_MS[-1][1] / PACK_COST_MS[0][1]
+            return (c0 + t * (c1 - c0)) / curve[0][1]
+    return curve[-1][1] / curve[0][1]
 
 
-def pack_costs(steps: list[int], cost: float) -> tuple[list[float], list[float]]:
+def pack_costs(steps: list[int], cost: float, curve: Curve = LOADED) -> tuple[list[float], list[float]]:
     """Each member's CPU-s and finish time (CPU-s since the pack started) in a pack of members stopping at ``steps``.
 
     As ``workers.packed.run_pack`` trains a pack: every step trains the members still active (a solved
-    member leaves), each member-step costs ``cost`` times ``member_step_factor(active)``, and each step's
+    member leaves), each member-step costs ``cost`` times ``member_step_factor(active, curve)``, and each step's
     cost is split evenly among the members it trained. One pack runs on one worker, so its wall time
     is its CPU-s.
     """
@@ -157,7 +158,7 @@ def pack_costs(steps: list[int], cost: float) -> tuple[list[float], list[float]]
     member = wall = 0.0
     active = len(steps)
     for i in sorted(range(len(steps)), key=steps.__getitem__):
-        seg = (steps[i] - done) * cost * member_step_factor(active)
+        seg = (steps[i] - done) * cost * member_step_factor(active, curve)
         member, wall, done = member + seg, wall + seg * active, steps[i]
         share[i], finish[i] = member, wall
         active -= 1
@@ -218,19 +219,23 @@ def _member(rec: TrialRecord, cpu_s: float) -> TrialRecord:
     return rec.model_copy(update={"cpu_s": cpu_s})
 
 
-def packed_grid_records(ladder: Ladder, salt: int, concurrency: int) -> list[TrialRecord]:
+def packed_grid_records(ladder: Ladder, salt: int, concurrency: int, curve: Curve = LOADED) -> list[TrialRecord]:
     """The grid as the driver packs it (``plan_packs``, at most ``max_members`` per pack), costed per pack size."""
     spec = ladder.spec
     out: list[TrialRecord] = []
     for pack in plan_packs(grid_cells(spec), max_members(spec), fixed_config(spec), concurrency):
         recs = [simulate(ladder, c, salt) for c in pack]
-        share, _ = pack_costs([r.steps for r in recs], step_cost(pack[0]["size_idx"]))
+        share, _ = pack_costs([r.steps for r in recs], step_cost(pack[0]["size_idx"]), curve)
         out += [_member(r, c) for r, c in zip(recs, share, strict=True)]
     return out
 
 
 def packed_search_records(
-    spec: StudySpec, oracle: Callable[[dict[str, Any]], TrialRecord], concurrency: int, search: Any
+    spec: StudySpec,
+    oracle: Callable[[dict[str, Any]], TrialRecord],
+    concurrency: int,
+    search: Any,
+    curve: Curve = LOADED,
 ) -> list[TrialRecord]:
     """Drive ``search`` through ``PackSearch`` as Tune does on ``concurrency`` workers, one pack per worker.
 
@@ -253,7 +258,7 @@ def packed_search_records(
             tid, pack = f"p{n}", got["pack"]
             n += 1
             recs = [oracle(c) for c in pack]
-            share, finish = pack_costs([r.steps for r in recs], step_cost(pack[0]["size_idx"]))
+            share, finish = pack_costs([r.steps for r in recs], step_cost(pack[0]["size_idx"]), curve)
             members[tid], left[tid] = [_member(r, c) for r, c in zip(recs, share, strict=True)], len(pack)
             for i, t in enumerate(finish):
                 heapq.heappush(events, (now + t, seq, tid, i))
@@ -323,11 +328,11 @@ MODES = {
 }
 
 
-def run_packed(ladder: Ladder, salt: int, concurrency: int, fill_packs: bool) -> dict[str, Any]:
+def run_packed(ladder: Ladder, salt: int, concurrency: int, fill_packs: bool, curve: Curve = LOADED) -> dict[str, Any]:
     """Packed: the grid packed as the driver packs it, the search through ``PackSearch``; costs by pack size."""
-    g = packed_grid_records(ladder, salt, concurrency)
+    g = packed_grid_records(ladder, salt, concurrency, curve)
     search = FrontierSearch(ladder.spec, fill_packs=fill_packs)
-    s = packed_search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency, search)
+    s = packed_search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency, search, curve)
     return versus(ladder.spec, g, s)
 
 
@@ -404,8 +409,7 @@ def main() -> int:
     p.add_argument("--replay", help="a finished grid study directory: run the search on its recorded trials")
     p.add_argument("--json", help="write the raw results here")
     args = p.parse_args()
-    global PACK_COST_MS
-    PACK_COST_MS = PACK_COSTS_MS[args.pack_cost]
+    curve = PACK_COSTS_MS[args.pack_cost]
     raw: dict[str, Any] = {}
     modes = {"solo": ["solo"], "packed": ["packed", "packed+fill"], "both": ["solo", "packed", "packed+fill"]}
     for mode in modes[args.cost] if args.repeats else []:
@@ -423,7 +427,7 @@ def main() -> int:
                 runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
             else:
                 fill = mode == "packed+fill"
-                runs = [run_packed(ladder, salt, args.concurrency, fill) for salt in range(args.repeats)]
+                runs = [run_packed(ladder, salt, args.concurrency, fill, curve) for salt in range(args.repeats)]
             raw.setdefault(mode, {})[ladder.name] = runs
             spec = ladder.spec
             shape = (

@@ -351,7 +351,7 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
         log.exception("study %s failed", study_id)
         error = f"{type(e).__name__}: {e}. Resume with: ladder resume {study_id}"
     finally:
-        phases.last = time.time()  # what ran before (if the study stopped early) is not the outputs' time
+        phases.restart()  # what ran before (if the study stopped early) is not the outputs' time
         tracking.flush()  # progress metrics logged asynchronously
         _write_outputs(study_id, spec, settings, mlinfo)
         phases.mark("outputs_s")
@@ -380,9 +380,14 @@ class _Phases:
         self.timings = {"imports_s": round(self.last - psutil.Process().create_time(), 3)}
 
     def mark(self, phase: str) -> None:
+        """``phase`` took the time since the last mark (or restart)."""
         now = time.time()
         self.timings[phase] = round(now - self.last, 3)
         self.last = now
+
+    def restart(self) -> None:
+        """The next phase starts now: time since the last mark belongs to no phase."""
+        self.last = time.time()
 
 
 def _provenance(study_id: str, spec: StudySpec) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.bench_frontier import (
     LADDERS,
-    PACK_COST_MS,
+    PACK_COSTS_MS,
     compare,
     member_step_factor,
     pack_costs,
@@ -22,11 +22,21 @@ from studies.report import build_report
 from workers.search import FrontierSearch
 
 
-def test_member_step_cost_follows_the_measured_pack_sizes() -> None:
-    for n, ms in PACK_COST_MS:
-        assert member_step_factor(n) == pytest.approx(ms / PACK_COST_MS[0][1])
+@pytest.mark.parametrize("calibration", sorted(PACK_COSTS_MS))
+def test_member_step_cost_follows_the_measured_pack_sizes(calibration: str) -> None:
+    curve = PACK_COSTS_MS[calibration]
+    for n, ms in curve:
+        assert member_step_factor(n, curve) == pytest.approx(ms / curve[0][1])
+    assert member_step_factor(128, curve) == member_step_factor(64, curve)
+
+
+def test_the_loaded_calibration_is_the_default_and_peaks_near_32() -> None:
+    assert (
+        member_step_factor(8)
+        == member_step_factor(8, PACK_COSTS_MS["loaded"])
+        != member_step_factor(8, PACK_COSTS_MS["quiet"])
+    )
     assert member_step_factor(8) > member_step_factor(16) > member_step_factor(32) < member_step_factor(48)
-    assert member_step_factor(128) == member_step_factor(64)
 
 
 def test_a_pack_splits_each_step_among_the_members_it_trains() -> None:
