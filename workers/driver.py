@@ -277,6 +277,9 @@ def run_study(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own per-result loggers (result.json, progress.csv, TensorBoard events) duplicate the trial
+    # records and MLflow runs, and cost the driver CPU on every result (docs/benchmarks.md).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # A trial that diverges (or fails) before its first evaluation reports no accuracy. Strict metric
     # checking would then fail the whole study; without it ASHA simply skips that result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

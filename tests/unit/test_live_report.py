@@ -44,3 +44,23 @@ def test_the_refresher_thread_publishes_while_the_study_runs(tmp_path: Path) -> 
         while not (d / REPORT / "report.html").exists() and time.monotonic() < end:
             time.sleep(0.1)
     assert "N61_T6" in (d / REPORT / "report.html").read_text()
+
+
+def test_a_costly_render_spaces_out_the_next_one(tmp_path: Path) -> None:
+    """Live renders take at most ``cpu_share`` of one CPU: after a render the refresher waits that much longer."""
+    settings = Settings(data_dir=tmp_path)
+    sid = prepare_study(SPEC, settings=settings)
+    d = settings.study_dir(sid)
+    html = d / REPORT / "report.html"
+    with ReportRefresher(SPEC, d, {"study_id": sid}, every_s=0.05, cpu_share=0.001) as refresher:
+        append_record(d / RECORDS, trial_record(sid, 0, "ea", SIZE, "N61_T6", [1], status="unsolved", eval_acc=0.4))
+        end = time.monotonic() + 120
+        while not html.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        first = html.stat().st_mtime_ns
+        while refresher.wait_s == 0.05 and time.monotonic() < end:  # the loop sets it right after the render
+            time.sleep(0.01)
+        assert refresher.wait_s >= 10, "a render costs well over 10 ms of CPU: at 0.1% it waits 10 s or more"
+        append_record(d / RECORDS, trial_record(sid, 0, "dpa", SIZE, "N7_T2", [0], status="solved", eval_acc=1.0))
+        time.sleep(0.5)  # ten times every_s
+        assert html.stat().st_mtime_ns == first
