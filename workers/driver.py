@@ -280,6 +280,8 @@ def run_study(
     # Tune's own per-result loggers (result.json, progress.csv, TensorBoard events) duplicate the trial
     # records and MLflow runs, and cost the driver CPU on every result (docs/benchmarks.md).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Without those files Tune's end-of-run result grid (which Ladder does not use) warns once per trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # A trial that diverges (or fails) before its first evaluation reports no accuracy. Strict metric
     # checking would then fail the whole study; without it ASHA simply skips that result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
