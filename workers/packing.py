@@ -11,7 +11,6 @@ one MLflow child run per member (``member_results``).
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from ray.tune import Checkpoint
 
 from studies.spec import StudySpec
 from workers.packed import pack_key, run_pack
+from workers.reporting import Reporter
 from workers.trial import TrialConfig
 
 Cell = dict[str, Any]
@@ -135,14 +134,7 @@ def train_pack(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             resume = torch.load(Path(d) / _STATE, weights_only=False)
     n_evals = 0
-
-    def report(result: dict[str, Any], state: Any | None) -> None:
-        if state is None:
-            tune.report(result)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state(), Path(d) / _STATE)
-            tune.report(result, checkpoint=Checkpoint.from_directory(d))
+    reporter = Reporter(_STATE)  # results go to Tune from a thread: training does not wait for the driver
 
     def on_eval(
         evaluated: list[tuple[int, dict[str, Any]]], finished: list[tuple[int, dict[str, Any]]], state: Any
@@ -153,9 +145,10 @@ def train_pack(config: dict[str, Any]) -> None:
         finals = {str(i): _scalars(r) | node for i, r in finished}
         result = {"step": evaluated[0][1]["step"], "members": members, "finals": finals}
         result["cpu_s"] = max(m["pack_cpu_s"] for m in members.values())  # what CpuBudgetStopper adds up
-        report(result, state if finished or n_evals % every == 0 else None)
+        reporter.put(result, state() if finished or n_evals % every == 0 else None)
 
     records = run_pack(cfgs, on_eval, resume)
     finals = {str(i): _scalars(r) | node for i, r in enumerate(records)}
     cpu = sum(r["cpu_s"] for r in records)
-    tune.report({"final": True, "finals": finals, "step": max(r["steps"] for r in records), "cpu_s": cpu})
+    reporter.put({"final": True, "finals": finals, "step": max(r["steps"] for r in records), "cpu_s": cpu})
+    reporter.close()
