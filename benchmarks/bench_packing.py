@@ -56,9 +56,9 @@ TARGET_KIND_RATIO = 1.05  # EA/DPA step time inside the packed trainer
 def quickstart_shape(size: int = 1) -> TrialConfig:
     """A quick-start trial (size 0: d16 l1, size 1: d32 l2) on its top rung, as the driver resolves it."""
     from studies.spec import StudySpec
-    from workers.callbacks import trial_config
     from workers.driver import fixed_config
     from workers.search import make_cell
+    from workers.trial import trial_config
 
     spec = StudySpec.from_file(QUICKSTART)
     cell = make_cell(spec, "dpa", size, len(spec.task.points()) - 1, spec.hparams.lr.grid_values()[0], 0)
@@ -160,8 +160,9 @@ def _repeat(fn: Callable[[], Any], n: int) -> list[float]:
 def _quickstart_pack(kind: str = "dpa", size: int = 1) -> tuple[Any, list[TrialConfig]]:
     """One pack of the quick-start study (one kind and size, every rung), as the driver plans it."""
     from studies.spec import StudySpec
-    from workers.callbacks import fixed_config, trial_config
+    from workers.callbacks import fixed_config
     from workers.search import grid_cells
+    from workers.trial import trial_config
 
     spec = StudySpec.from_file(QUICKSTART)
     fixed = fixed_config(spec)
@@ -339,10 +340,10 @@ def _bare_study(packs: list[list[TrialConfig]], workers: int) -> dict[str, Any]:
 def part_study(args: argparse.Namespace) -> dict[str, Any]:
     """Packed study, unpacked study and the bare packs, in a shuffled order in every repetition."""
     from studies.spec import StudySpec
-    from workers.callbacks import trial_config
     from workers.driver import fixed_config
     from workers.packing import max_members, plan_packs
     from workers.search import grid_cells
+    from workers.trial import trial_config
 
     spec = StudySpec.from_file(QUICKSTART)
     fixed = fixed_config(spec)

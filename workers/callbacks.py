@@ -20,7 +20,7 @@ from studies.spec import StudySpec
 from studies.studydir import RECORDS, update_status
 from workers.packing import cells_of, is_pack, member_results
 from workers.tracking import StudyTracker
-from workers.trial import TrialConfig
+from workers.trial import trial_config
 
 
 def fixed_config(spec: StudySpec) -> dict[str, Any]:
@@ -42,24 +42,6 @@ def fixed_config(spec: StudySpec) -> dict[str, Any]:
         "kinds": {k: spec.fairness.kind(k).model_dump() for k in spec.attention},
         "threshold": spec.threshold,
     }
-
-
-def trial_config(config: dict[str, Any]) -> TrialConfig:
-    """The resolved trial config from a Tune config (``cell`` varies, ``fixed`` does not)."""
-    cell, fixed = config["cell"], dict(config["fixed"])
-    kind = dict(fixed.pop("kinds", {}).get(cell["kind"], {}))  # per-kind settings (spec fairness.kinds)
-    scale = kind.pop("lr_scale", 1.0)
-    return TrialConfig(
-        attention=cell["kind"],
-        task=cell["members"],
-        d_model=cell["size"]["d_model"],
-        n_layers=cell["size"]["n_layers"],
-        n_heads=cell["size"]["n_heads"],
-        lr=cell["lr"] * scale,
-        seed=cell["seed"],
-        **fixed,
-        **kind,
-    )
 
 
 def classify_error(trial: Trial) -> str:

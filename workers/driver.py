@@ -39,13 +39,13 @@ from studies.studydir import (
     write_exit,
 )
 from workers import tracking
-from workers.callbacks import StudyCallback, fixed_config, trial_config
+from workers.callbacks import StudyCallback, fixed_config
 from workers.pack_search import PackSearch
 from workers.packing import max_members, plan_packs, train_pack
 from workers.provenance import git_sha, versions
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, grid_cells
 from workers.tasks import GENERATOR_VERSION
-from workers.trial import run_trial
+from workers.trial import run_trial, trial_config
 
 __all__ = ["run_study"]
 

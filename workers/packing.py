@@ -22,7 +22,7 @@ from ray import tune
 from studies.spec import StudySpec
 from workers.packed import pack_key, run_pack
 from workers.reporting import Reporter
-from workers.trial import TrialConfig
+from workers.trial import TrialConfig, trial_config
 
 Cell = dict[str, Any]
 
@@ -49,8 +49,6 @@ def max_members(spec: StudySpec) -> int:
 
 def group_key(cell: Cell, fixed: dict[str, Any]) -> tuple[Any, ...]:
     """What a pack's members share (``workers.packed.pack_key`` of the cell's resolved trial config)."""
-    from workers.callbacks import trial_config  # the callbacks import this module
-
     return pack_key(trial_config({"cell": cell, "fixed": fixed}))
 
 
@@ -122,7 +120,6 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def train_pack(config: dict[str, Any]) -> None:
     """Ray Tune trainable: one pack; checkpointed every ``checkpoint_every`` evaluations and when a member finishes."""
-    from workers.callbacks import trial_config  # the callbacks import this module
 
     cells, fixed = config["pack"], config["fixed"]
     cfgs: list[TrialConfig] = [trial_config({"cell": c, "fixed": fixed}) for c in cells]

@@ -77,6 +77,28 @@ class TrialConfig:
         )
 
 
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """The resolved trial config from a Tune config (``cell`` varies, ``fixed`` does not).
+
+    Here, not with the driver's callbacks: a trial worker imports only what training needs
+    (the callbacks pull in the report and scipy, about 1 s per worker start).
+    """
+    cell, fixed = config["cell"], dict(config["fixed"])
+    kind = dict(fixed.pop("kinds", {}).get(cell["kind"], {}))  # per-kind settings (spec fairness.kinds)
+    scale = kind.pop("lr_scale", 1.0)
+    return TrialConfig(
+        attention=cell["kind"],
+        task=cell["members"],
+        d_model=cell["size"]["d_model"],
+        n_layers=cell["size"]["n_layers"],
+        n_heads=cell["size"]["n_heads"],
+        lr=cell["lr"] * scale,
+        seed=cell["seed"],
+        **fixed,
+        **kind,
+    )
+
+
 Reporter = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
 
 

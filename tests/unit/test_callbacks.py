@@ -6,8 +6,9 @@ import pickle
 
 from studies.records import TrialRecord
 from studies.spec import StudySpec
-from workers.callbacks import fixed_config, frontier_summary, trial_config
+from workers.callbacks import fixed_config, frontier_summary
 from workers.search import make_cell
+from workers.trial import trial_config
 
 SPEC = StudySpec.model_validate(
     {

@@ -109,3 +109,24 @@ def test_member_ids_and_results_map_back_to_cells():
     ]
     solo = {"cell": pack[0], "fixed": {}}
     assert list(member_results("t", solo, {"final": True})) == [("t", pack[0], "final", {"final": True})]
+
+
+def test_a_pack_worker_imports_only_what_training_needs():
+    """A fresh Ray worker running ``train_pack`` imports ``workers.packing`` and what its functions
+    import when they run: not the driver's report, its statistics (scipy), MLflow or Optuna, which
+    cost every worker start about 1 s more (docs/benchmarks.md)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import workers.packing
+
+    tree = ast.parse(Path(workers.packing.__file__).read_text())
+    mods = sorted({n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level})
+    mods += sorted({a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names})
+    heavy = ["scipy", "mlflow", "optuna", "studies.report", "workers.callbacks", "workers.driver"]
+    code = f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
+    code += f"print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", (mods, out.stdout)
