@@ -120,7 +120,6 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def train_pack(config: dict[str, Any]) -> None:
     """Ray Tune trainable: one pack; checkpointed every ``checkpoint_every`` evaluations and when a member finishes."""
-
     cells, fixed = config["pack"], config["fixed"]
     cfgs: list[TrialConfig] = [trial_config({"cell": c, "fixed": fixed}) for c in cells]
     every = int(config.get("checkpoint_every", 1))

@@ -2,7 +2,7 @@
 
 A function trainable's ``tune.report`` blocks until the driver has taken the result, run its
 callbacks (trial records, MLflow, status) and asked the trainable for the next one: a round trip
-through the driver per evaluation, during which the pack does not train (0.4-0.5 s per
+through the driver per evaluation, during which the pack does not train (0.3-0.5 s per
 quick-start pack of 8 evaluations on a 2-core box, docs/benchmarks.md). ``Reporter`` takes
 results in order and reports them from its own thread, each with its checkpoint written there
 from a state the trainer copied at that evaluation, so the trainer goes on at once.
