@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import psutil
 import ray
 import torch
 from ray import tune
-from ray.tune import Checkpoint, Stopper
+from ray.tune import Stopper
 from ray.tune.schedulers import ASHAScheduler
 
 from studies.live_report import ReportRefresher, publish_report
@@ -43,6 +42,7 @@ from workers.callbacks import StudyCallback, fixed_config
 from workers.pack_search import PackSearch
 from workers.packing import max_members, plan_packs, train_pack
 from workers.provenance import git_sha, versions
+from workers.reporting import report_now
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, grid_cells
 from workers.tasks import GENERATOR_VERSION
 from workers.trial import run_trial, trial_config
@@ -94,10 +94,7 @@ def train_point(config: dict[str, Any]) -> None:
 
     def on_eval(metrics: dict[str, Any], state: Any) -> None:
         score = frontier_score(coords, metrics["solved"], metrics.get("search_acc"))
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state(), Path(d) / "state.pt")
-            result = _scalars(metrics) | {"node_id": node, "score": score}
-            tune.report(result, checkpoint=Checkpoint.from_directory(d))
+        report_now(_scalars(metrics) | {"node_id": node, "score": score}, state(), "state.pt")
 
     rec = run_trial(cfg, on_eval, resume)
     score = frontier_score(coords, rec["solved"], rec.get("eval_acc"))

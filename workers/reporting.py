@@ -67,25 +67,25 @@ class Reporter:
         if self.error is not None:
             raise self.error
 
+    def _offer(self, item: tuple[dict[str, Any], dict[str, Any] | None] | None) -> bool:
+        """Queue ``item``, waiting for room while the thread lives; False once it has ended."""
+        while self.thread.is_alive():
+            try:
+                self.waiting.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def put(self, result: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         """Queue one result (and the state to checkpoint with it: a copy the trainer no longer changes)."""
         self._check()
-        while True:
-            try:
-                self.waiting.put((result, state), timeout=_POLL_S)
-                return
-            except queue.Full:
-                if not self.thread.is_alive():
-                    self._check()
-                    raise RuntimeError("the reporting thread ended") from None
+        if not self._offer((result, state)):
+            self._check()
+            raise RuntimeError("the reporting thread ended")
 
     def close(self) -> None:
         """Wait until every queued result is reported; raise what the thread raised, if anything."""
-        while self.thread.is_alive():
-            try:
-                self.waiting.put(None, timeout=_POLL_S)
-                break
-            except queue.Full:
-                continue
+        self._offer(None)
         self.thread.join()
         self._check()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -31,18 +30,16 @@ class SlowTune:
 def test_put_does_not_wait_for_the_driver_and_order_is_kept() -> None:
     tune = SlowTune()
     rep = Reporter("pack.pt", depth=2, send=tune.send)
-    t = time.perf_counter()
-    # one result is in the thread's hands, two wait: none of these puts waits for an answer
+    # one result is in the thread's hands, two wait: these puts return with no answer given yet
     for n in range(3):
         rep.put({"n": n}, {"state": n} if n % 2 else None)
-    assert time.perf_counter() - t < 0.4
     assert tune.sent == []
     blocked = threading.Thread(target=rep.put, args=({"n": 3},))
     blocked.start()
     blocked.join(0.3)
     assert blocked.is_alive()  # no room: the trainer waits until Tune has taken one
     tune.answer.release()
-    blocked.join(2)
+    blocked.join(60)  # returns as soon as the put is done; generous for a loaded machine
     assert not blocked.is_alive()
     for _ in range(4):
         tune.answer.release()
@@ -57,7 +54,7 @@ def test_an_error_in_the_thread_is_raised_in_the_trainer() -> None:
         tune.answer.release()
     rep.put({"n": 0})
     rep.put({"n": 1})
-    rep.thread.join(2)
+    rep.thread.join(60)
     with pytest.raises(OSError, match="storage gone"):
         rep.put({"n": 2})
     with pytest.raises(OSError, match="storage gone"):
@@ -83,7 +80,7 @@ def test_tune_stopping_the_trial_stops_the_trainer() -> None:
     t = threading.Thread(target=trainer)
     t.start()
     tune.answer.release()
-    t.join(3)
+    t.join(60)
     assert not t.is_alive()
     assert len(got) == 1 and isinstance(got[0], SystemExit) and got[0].code == 0
     with pytest.raises(SystemExit):
