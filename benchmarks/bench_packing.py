@@ -19,7 +19,9 @@ Parts (``--parts``, default all):
   ``execution.pack: auto`` vs ``off``, and the same packs as bare ``run_pack`` calls on as many
   plain processes as the study has workers (no Ray, no MLflow, no checkpoints, no records or
   status), the three in a shuffled order in every repetition; the overhead ratio is the packed
-  study's wall time over the bare packs'.
+  study's wall time over the bare packs'. With ``--fresh-workers``, packed and unpacked also run with
+  a new worker process per Tune trial (``LADDER_REUSE_WORKERS=false``), to show what reused
+  workers bring to each.
 
 Every timed case is repeated ``--reps`` times in an interleaved, shuffled order; the report
 gives medians and the spread (min-max). Run ``python -m benchmarks.bench_packing --help``.
@@ -280,13 +282,22 @@ def part_overhead(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run_study(pack: str, data: Path) -> dict[str, Any]:
-    """The quick-start study through the real driver in a fresh process; wall time and its records."""
+def _run_study(pack: str, data: Path, reuse: bool = True) -> dict[str, Any]:
+    """The quick-start study through the real driver in a fresh process; wall time and its records.
+
+    ``reuse``: Tune trials run one after another in the same worker processes (``LADDER_REUSE_WORKERS``,
+    the default); off, every Tune trial starts its own worker process (as before reused workers).
+    """
     from studies.spec import StudySpec
 
     spec = StudySpec.from_file(QUICKSTART).model_dump(mode="json")
     spec["execution"] = {"pack": pack}
-    env = os.environ | {"LADDER_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = os.environ | {
+        "LADDER_DATA_DIR": str(data),
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "LADDER_REUSE_WORKERS": str(reuse).lower(),
+    }
     code = (
         "import json,sys; from studies.spec import StudySpec; from studies.studydir import prepare_study;"
         "print(prepare_study(StudySpec.model_validate(json.loads(sys.argv[1]))))"
@@ -350,11 +361,13 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     packs = plan_packs(grid_cells(spec), max_members(spec), fixed, spec.max_concurrent)
     cfgs = [[replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in p] for p in packs]
     names = [_pack_name(p[0].attention, p[0].d_model, [f"N{c.task[0][0]}_T{c.task[0][1]}" for c in p]) for p in cfgs]
-    walls: dict[str, list[float]] = {"auto": [], "off": [], "bare": []}
+    # auto / off: packed / unpacked with the default reused workers; *_fresh: a worker process per Tune trial
+    studies = ["auto", "off"] + (["auto_fresh", "off_fresh"] if args.fresh_workers else [])
+    walls: dict[str, list[float]] = {k: [] for k in [*studies, "bare"]}
     loads: dict[str, list[float]] = {k: [] for k in walls}
     outcomes: dict[str, list[tuple[str, str, str]]] = {}
     bare: list[list[float]] = []
-    timings: dict[str, list[dict[str, float]]] = {"auto": [], "off": []}  # the driver's phases (status.json)
+    timings: dict[str, list[dict[str, float]]] = {k: [] for k in studies}  # the driver's phases (status.json)
     trained: list[dict[str, float]] = []  # per packed run: each pack's wall inside its trainable
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,7 +380,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
                     res = _bare_study(cfgs, spec.max_concurrent)
                     bare.append(res["pack_s"])
                 else:
-                    res = _run_study(what, Path(tmp) / f"{what}{rep}")
+                    res = _run_study(what.split("_")[0], Path(tmp) / f"{what}{rep}", reuse=not what.endswith("_fresh"))
                     timings[what].append(res["timings"])
                     if what == "auto":
                         trained.append(_trained_walls(res["records"]))
@@ -376,7 +389,8 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 walls[what].append(res["wall_s"])
                 loads[what].append(round(os.getloadavg()[1], 1))  # 5-minute load at the end of the run
-    auto, off, bare_wall = (statistics.median(walls[k]) for k in ("auto", "off", "bare"))
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    auto, off, bare_wall = med["auto"], med["off"], med["bare"]
     # Per-trial overhead, two ways, each against the bare packs of the same repetition: the Tune run
     # (every pack with its worker start, checkpoints, reports and the driver's callbacks; not the
     # driver's imports, start-up or report) over the bare packs on as many workers; and each pack's
@@ -386,7 +400,10 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "walls": {k: _stats(v) | {"runs": v, "load5_at_end": loads[k]} for k, v in walls.items()},
         "speedup": off / auto,
-        "same_outcomes": outcomes.get("auto") == outcomes.get("off"),
+        # against one worker process per Tune trial (how unpacked studies ran before reused workers)
+        "speedup_vs_fresh_unpacked": med["off_fresh"] / auto if "off_fresh" in med else None,
+        "reuse_gain": {k: med[f"{k}_fresh"] / med[k] for k in ("auto", "off") if f"{k}_fresh" in med},
+        "same_outcomes": all(outcomes.get(k) == outcomes.get("auto") for k in studies),
         "outcomes": outcomes,
         "packs": [len(p) for p in packs],
         "bare_pack_s": bare,
@@ -471,6 +488,16 @@ def report(results: dict[str, Any]) -> str:
             f"packed (auto) wall: {s['walls']['auto']['runs']} s, median {s['walls']['auto']['median']:.1f} s",
             f"unpacked (off) wall: {s['walls']['off']['runs']} s, median {s['walls']['off']['median']:.1f} s",
             f"speed-up {s['speedup']:.2f}x (target >= {TARGET_SPEEDUP}); same outcomes per trial: {s['same_outcomes']}",
+            *(
+                [
+                    f"a worker process per Tune trial: packed {s['walls']['auto_fresh']['runs']} s, unpacked "
+                    f"{s['walls']['off_fresh']['runs']} s; reused workers make packed {s['reuse_gain']['auto']:.2f}x "
+                    f"and unpacked {s['reuse_gain']['off']:.2f}x faster; packed (reused) vs unpacked (fresh) "
+                    f"{s['speedup_vs_fresh_unpacked']:.2f}x"
+                ]
+                if s.get("speedup_vs_fresh_unpacked")
+                else []
+            ),
             f"bare packs on the study's workers: wall {s['walls']['bare']['runs']} s, median {s['bare_wall_s']:.1f} s",
             f"packs {s['packs']}, each bare {[[round(x, 1) for x in r] for r in s['bare_pack_s']]} s",
             f"5-min load at the end of each run: {json.dumps({k: v['load5_at_end'] for k, v in s['walls'].items()})}",
@@ -497,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead-steps", type=int, default=200, help="steps of the bare pack in the overhead part")
     p.add_argument("--overhead-reps", type=int, default=3, help="repetitions of the slow overhead components")
     p.add_argument("--study-reps", type=int, default=2, help="quick-start runs per setting (alternating)")
+    p.add_argument(
+        "--fresh-workers",
+        action="store_true",
+        help="study part: also run packed and unpacked with a new worker process per Tune trial",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")

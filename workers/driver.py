@@ -168,9 +168,9 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=spec.max_concurrent,
-            # Reusing workers would save a process start per Tune trial, but with reuse_actors=True a
-            # worker killed twice left a trial 'preempted' (the chaos suite, seed 1; docs/reliability.md).
-            reuse_actors=False,
+            # one worker process runs trial after trial: a fresh process per Tune trial (torch, Tune and
+            # the trainer imported again) cost unpacked studies about half their wall (docs/benchmarks.md)
+            reuse_actors=settings.reuse_workers,
         ),
         run_config=tune.RunConfig(
             name=study_id,

@@ -225,6 +225,11 @@ class Chaos:
 
         sid, found = self.find("Ray worker running a trial", workers)
         time.sleep(self.rng.uniform(0, 4))
+        # A reused worker (reuse_actors) may have moved on to another trial during the sleep: name its
+        # trial again just before the kill, or a kill is counted against a trial it did not hit.
+        found = workers(sid)
+        if not found:
+            return self.kill_worker()
         proc, trial = self.rng.choice(found)
         try:
             proc.kill()
