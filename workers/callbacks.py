@@ -19,7 +19,7 @@ from studies.settings import Settings
 from studies.spec import StudySpec
 from studies.studydir import RECORDS, update_status
 from workers.packing import cells_of, is_pack, member_results
-from workers.tracking import StudyTracker
+from workers.tracking import StudyTracker, cell_key
 from workers.trial import trial_config
 
 
@@ -133,7 +133,8 @@ class StudyCallback(Callback):
         recorded = self._records_by_id() if is_pack(trial.config) else {}
         for tid, cell, what, values in member_results(trial.trial_id, trial.config, result):
             if what == "progress":
-                self.tracker.log_progress(self._run(tid, cell, fixed), values)
+                if not self._has_outcome(cell_key(cell)):  # a member re-run after a resume: its curve is logged
+                    self.tracker.log_progress(self._run(tid, cell, fixed), values)
             elif tid in recorded:
                 self._close(recorded[tid])
             elif is_pack(trial.config):  # a solo trial is recorded on completion
@@ -216,7 +217,9 @@ class StudyCallback(Callback):
             mlflow_run_id=self._run(trial_id, cell, fixed),
             error=error,
         )
-        if not self._recorded(rec):  # a trial rerun after a resume is recorded (and counted) once
+        if self._has_outcome(rec.trial_key):  # a trial rerun after a resume is recorded (and counted) once: the first
+            rec = self._records()[rec.trial_key]
+        else:
             append_record(self.study_dir / RECORDS, rec)
             records = self._records()
             records.pop(rec.trial_key, None)
@@ -224,9 +227,9 @@ class StudyCallback(Callback):
         self.tracker.finish(rec)
         self._closed.add(trial_id)
 
-    def _recorded(self, rec: TrialRecord) -> bool:
+    def _has_outcome(self, key: str) -> bool:
         """An outcome is on file for this trial key already (a failure may be retried and recorded again)."""
-        prior = self._records().get(rec.trial_key)
+        prior = self._records().get(key)
         return prior is not None and prior.status in OUTCOMES
 
     def _refresh(self, trials: list[Trial]) -> None:

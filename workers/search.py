@@ -169,8 +169,7 @@ class PairedOptunaSearch(_PicklingSearcher):
         for _ in range(50):
             trial = self.study.ask(self.space)
             key = (trial.params["size_idx"], trial.params["point_idx"], trial.params["lr"])
-            if key not in self.picked:
-                self.picked[key] = trial.number
+            if key not in self.picked:  # _queue_pick adds it
                 self._asked[trial.number] = trial
                 return trial
             trial.set_user_attr("ladder.repeat_of", self.picked[key])
@@ -185,21 +184,36 @@ class PairedOptunaSearch(_PicklingSearcher):
         if trial is None:
             self.spent = True
             return False
+        p = trial.params
+        base, keys = self._queue_pick(trial.number, p)
+        trial.set_user_attr("ladder.pick", base)
+        trial.set_user_attr("ladder.size", self.spec.model.all_sizes()[p["size_idx"]].name)
+        trial.set_user_attr("ladder.point", self.spec.task.points()[p["point_idx"]].name)
+        trial.set_user_attr("ladder.trial_keys", keys)  # stable across resumes, unlike Tune's trial ids
+        return True
+
+    def _twin_cells(self, params: dict[str, Any]) -> list[tuple[Cell, str]]:
+        """The twins of a pick with Optuna parameters ``params``: each cell with its trial key."""
+        size, point = self.spec.model.all_sizes()[params["size_idx"]], self.spec.task.points()[params["point_idx"]]
+        return [
+            (
+                make_cell(self.spec, kind, params["size_idx"], params["point_idx"], params["lr"], seed),
+                trial_key(kind, size.name, point.name, params["lr"], seed),
+            )
+            for kind, seed in self.twins
+        ]
+
+    def _queue_pick(self, number: int, params: dict[str, Any]) -> tuple[str, list[str]]:
+        """Queue the twins of Optuna trial ``number`` (its ``params``) as the next pick; its name and trial keys."""
         base = f"pick{self.n_picks:05d}"
         self.n_picks += 1
-        self.number_of[base] = trial.number
-        p = trial.params
-        size, point = self.spec.model.all_sizes()[p["size_idx"]], self.spec.task.points()[p["point_idx"]]
-        trial.set_user_attr("ladder.pick", base)
-        trial.set_user_attr("ladder.size", size.name)
-        trial.set_user_attr("ladder.point", point.name)
-        keys = [trial_key(kind, size.name, point.name, p["lr"], seed) for kind, seed in self.twins]
-        trial.set_user_attr("ladder.trial_keys", keys)  # stable across resumes, unlike Tune's trial ids
-        for kind, seed in self.twins:
-            cell = make_cell(self.spec, kind, p["size_idx"], p["point_idx"], p["lr"], seed)
+        self.number_of[base] = number
+        self.picked[(params["size_idx"], params["point_idx"], params["lr"])] = number
+        twins = self._twin_cells(params)
+        for cell, _ in twins:
             self.pick_of[_twin(cell)] = base
             self.pending.append((base, cell))
-        return True
+        return base, [key for _, key in twins]
 
     def next_cells(self, k: int) -> list[Cell]:
         """Up to ``k`` trial cells to run now: the twins of as many picks as it takes, in order."""
@@ -270,24 +284,45 @@ class PairedOptunaSearch(_PicklingSearcher):
         if cell is not None:
             self.record(cell, result, error)
 
-    def fail_orphans(self) -> int:
-        """Mark Optuna trials left RUNNING by a hard kill, which no restored trial will finish."""
+    def recover_orphans(self) -> tuple[int, int]:
+        """Optuna trials left RUNNING by a hard kill that this searcher does not know; (re-queued, failed).
+
+        Tune saves its searcher with the experiment at most every 10 s, so a driver killed in between
+        forgets the picks it asked since, while Optuna's storage has them RUNNING, and their Tune trials
+        may have started (MLflow child runs) or even recorded a twin. A forgotten pick that was fully
+        queued (its ``ladder.trial_keys`` are stored) is queued again as the same pick: its trials keep
+        their keys, so their MLflow runs and records are found again rather than left as orphans, and
+        Optuna is told its result once. A pick killed mid-ask (no keys yet), a repeat of a known pick,
+        or one beyond ``n_trials`` is told FAIL.
+        """
         mine = set(self.number_of.values()) - self.completed
-        orphans = [
-            t.number
-            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.number not in mine
-        ]
-        for number in orphans:
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
-        return len(orphans)
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        requeued = failed = 0
+        for t in sorted((t for t in running if t.number not in mine), key=lambda t: t.number):
+            params = t.params
+            whole = set(params) == set(self.space) and "ladder.trial_keys" in t.user_attrs
+            key = (params.get("size_idx"), params.get("point_idx"), params.get("lr"))
+            if (
+                whole
+                and key not in self.picked
+                and self.n_picks < (self.spec.search.n_trials or 0)
+                and [k for _, k in self._twin_cells(params)] == t.user_attrs["ladder.trial_keys"]
+            ):
+                self._queue_pick(t.number, params)
+                requeued += 1
+                continue
+            self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            failed += 1
+        return requeued, failed
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self._upgrade()
-        n = self.fail_orphans()
-        if n:
-            log.warning("marked %d stale RUNNING Optuna trial(s) failed after resume", n)
+        requeued, failed = self.recover_orphans()
+        if requeued or failed:
+            log.warning(
+                "after resume: %d pick(s) asked after the last checkpoint queued again, %d failed", requeued, failed
+            )
 
     def _upgrade(self) -> None:
         """State a searcher pickled before ``next_cells``/``record`` lacks (it kept picks per Tune trial id)."""

@@ -313,7 +313,9 @@ class StudyTracker:
         finals |= {"n_params": record.n_params, "steps_to_solve": record.steps_to_solve}
         if record.status in OUTCOMES:  # no verdict for a failed, diverged or preempted trial
             finals["solved"] = int(record.status == "solved")
+        # the trial id of the record on file: a pick re-run after a resume may have re-tagged the run with its own
         tags = [RunTag("status", record.status), RunTag("node_id", str(record.node_id))]
+        tags.append(RunTag("ladder.trial_id", record.trial_id))
         if record.error:
             tags.append(RunTag("error", record.error[:4000]))
         self.client.log_batch(run_id, metrics=_metrics(finals, record.steps), tags=tags)

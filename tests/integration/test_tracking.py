@@ -131,3 +131,56 @@ def test_runs_carry_what_a_reviewer_groups_and_charts_by(data_dir: Path) -> None
     assert "report/report.html" in {a.path for a in tracker.client.list_artifacts(parent["run_id"], "report")}
     local = data_dir / "mlartifacts" / "s2" / parent["run_id"] / "artifacts"
     assert (local / "report" / "frontier.png").is_file() and list((local / "images").glob("frontier*.png"))
+
+
+def test_a_pack_run_again_under_a_new_tune_trial_keeps_the_first_record_and_its_run(data_dir: Path) -> None:
+    """A driver killed before Tune saved its experiment forgets the pack's Tune trial; the resumed
+    searcher hands out the same cells again (``PairedOptunaSearch.recover_orphans``) under a new id."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from studies.records import read_records
+    from workers.callbacks import StudyCallback, fixed_config
+    from workers.packing import plan_packs
+
+    settings = get_settings()
+    settings.study_dir("s3").mkdir(parents=True)
+    parent = ensure_study_run(settings.mlflow_uri, "s3", SPEC)
+    fixed = fixed_config(SPEC)
+    (pack,) = plan_packs([make_cell(SPEC, "dpa", 0, p, 0.003, 0) for p in (0, 1)], 8, fixed)
+    progress = {"members": {str(i): {"step": 50, "eval_acc": 0.5} for i in range(2)}, "finals": {}}
+    solved = {"status": "solved", "solved": True, "eval_acc": 1.0, "steps": 100}
+
+    def trial(tid: str) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=tid, config={"pack": pack, "fixed": fixed}, status=Trial.RUNNING)
+
+    first, t1 = StudyCallback("s3", SPEC, settings, StudyTracker("s3", parent)), trial("t1")
+    first.on_trial_start(0, [t1], t1)
+    first.on_trial_result(0, [t1], t1, progress)
+    first.on_trial_result(0, [t1], t1, {"members": {}, "finals": {"1": solved}})  # member 1 recorded; then kill -9
+
+    again = pickle.loads(pickle.dumps(first))  # what Tune restores: the callback as it was saved
+    again._by_key = again._shown = None
+    again.tracker.runs.clear()  # saved before t1 started
+    t2 = trial("t2")
+    again.on_trial_start(0, [t2], t2)
+    again.on_trial_result(
+        0, [t2], t2, progress | {"members": {str(i): {"step": 100, "eval_acc": 0.9} for i in range(2)}}
+    )
+    finals = {"0": solved | {"steps": 150}, "1": solved}
+    t2.last_result = {"final": True, "finals": finals}
+    again.on_trial_result(0, [t2], t2, {"members": {}, "finals": finals})
+    again.on_trial_complete(0, [t2], t2)
+
+    from workers import tracking
+
+    tracking.flush()
+    records = read_records(settings.study_dir("s3") / "trials.jsonl")
+    assert sorted(r.trial_id for r in records) == ["t1.m1", "t2.m0"], "each member recorded once, the first time"
+    runs = [r for r in again.tracker.client.search_runs([parent["experiment_id"]]) if r.info.run_id != parent["run_id"]]
+    assert sorted(r.data.tags["ladder.trial_id"] for r in runs) == ["t1.m1", "t2.m0"], "MLflow names the records"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    by_id = {r.data.tags["ladder.trial_id"]: r.info.run_id for r in runs}
+    curve = again.tracker.client.get_metric_history(by_id["t1.m1"], "eval_acc")
+    assert [m.step for m in curve] == [50], "the re-run of a recorded member adds nothing to its curve"

@@ -14,6 +14,7 @@ from ray.tune.search import Searcher
 
 from studies.spec import StudySpec
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, highest_rung_value, make_cell
+from workers.tracking import cell_key
 
 FINISHED = Searcher.FINISHED
 SIZES = [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2}]
@@ -543,39 +544,63 @@ def test_paired_stops_after_n_trials_picks(storage: str) -> None:
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
 
 
-def test_fail_orphans_fails_only_running_trials_the_searcher_does_not_know(storage: str) -> None:
+def test_recover_orphans_fails_running_trials_the_searcher_cannot_take_back(storage: str) -> None:
     search = PairedOptunaSearch(PAIRED, storage, "paired")
     first = take(search, TWINS, "a")
     for trial_id, _ in first:
         search.on_trial_complete(trial_id, final(1.0, "solved", 10))
     take(search, 1, "b")  # pick 1 is in flight: RUNNING and known
-    orphan = study(storage).ask()  # RUNNING, asked by a process that died
-    assert search.fail_orphans() == 1
+    orphan = study(storage).ask()  # RUNNING, killed mid-ask: no parameters, no trial keys
+    assert search.recover_orphans() == (0, 1)
     states = {t.number: t.state for t in study(storage).get_trials()}
     assert states == {
         0: optuna.trial.TrialState.COMPLETE,
         1: optuna.trial.TrialState.RUNNING,
         orphan.number: optuna.trial.TrialState.FAIL,
     }
-    assert search.fail_orphans() == 0
+    assert search.recover_orphans() == (0, 0)
 
 
-def test_paired_restore_fails_picks_made_after_the_checkpoint(storage: str, tmp_path: Path) -> None:
+def test_paired_restore_requeues_picks_made_after_the_checkpoint(storage: str, tmp_path: Path) -> None:
+    # Tune saves its searcher at most every 10 s: a driver killed after asking pick 2 forgets it, while
+    # Optuna has it RUNNING and its Tune trials may have started (MLflow runs found again by trial key).
     search = PairedOptunaSearch(PAIRED, storage, "paired")
     got = take(search, TWINS + 1)
     path = tmp_path / "searcher.pkl"
     search.save(str(path))
-    take(search, TWINS, "late")  # pick 2 asked, then the driver is killed before the next checkpoint
+    late = take(search, TWINS, "late")  # the rest of pick 1 and the first of pick 2, then the kill
     fresh = PairedOptunaSearch(PAIRED, storage, "paired")
     fresh.restore(str(path))
-    states = [t.state for t in study(storage).get_trials()]
-    assert states == [optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL]
-    # the restored searcher hands out the rest of pick 1, then finishes it with Optuna
-    rest = take(fresh, TWINS - 1, "r")
-    assert {c["lr"] for _, c in rest} == {got[-1][1]["lr"]}
-    for trial_id, _ in [*got[TWINS:], *rest]:
+    trials = study(storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.RUNNING] * 3, "pick 2 is taken back, not failed"
+    # the restored searcher hands out the rest of pick 1, then pick 2 again: the same cells, the same trial keys
+    rest = take(fresh, 2 * TWINS - 1, "r")
+    assert [c for _, c in rest][: TWINS - 1] == [c for _, c in late][: TWINS - 1]
+    again = [c for _, c in rest][TWINS - 1 :]
+    assert again[0] == late[-1][1]
+    assert [cell_key(c) for c in again] == trials[2].user_attrs["ladder.trial_keys"]
+    for trial_id, _ in [*got, *rest]:
         fresh.on_trial_complete(trial_id, final(2.0, "solved", 10))
-    assert study(storage).get_trials()[1].state == optuna.trial.TrialState.COMPLETE
+    assert [t.state for t in study(storage).get_trials()] == [optuna.trial.TrialState.COMPLETE] * 3
+    # the space of n_trials picks is spent: nothing more is asked
+    assert fresh.suggest("more") == FINISHED
+
+
+def test_paired_restore_fails_a_forgotten_pick_beyond_n_trials(storage: str, tmp_path: Path) -> None:
+    search = PairedOptunaSearch(PAIRED, storage, "paired")
+    take(search, (PAIRED.search.n_trials or 0) * TWINS)
+    path = tmp_path / "searcher.pkl"
+    search.save(str(path))
+    extra = study(storage).ask(search.space)  # a whole pick past the budget (it cannot be this study's)
+    p = extra.params
+    twins = [
+        make_cell(PAIRED, k, p["size_idx"], p["point_idx"], p["lr"], s) for s in PAIRED.seeds for k in PAIRED.attention
+    ]
+    extra.set_user_attr("ladder.trial_keys", [cell_key(c) for c in twins])
+    fresh = PairedOptunaSearch(PAIRED, storage, "paired")
+    fresh.restore(str(path))
+    assert study(storage).get_trials()[extra.number].state == optuna.trial.TrialState.FAIL
+    assert fresh.suggest("more") == FINISHED
 
 
 # --- frontier_score ---------------------------------------------------------------------------
