@@ -286,7 +286,7 @@ def _run_study(pack: str, data: Path, reuse: bool = True) -> dict[str, Any]:
     """The quick-start study through the real driver in a fresh process; wall time and its records.
 
     ``reuse``: Tune trials run one after another in the same worker processes (``LADDER_REUSE_WORKERS=true``,
-    opt-in); off, every Tune trial starts its own worker process (the default).
+    the default); off, every Tune trial starts its own worker process.
     """
     from studies.spec import StudySpec
 
@@ -361,7 +361,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     packs = plan_packs(grid_cells(spec), max_members(spec), fixed, spec.max_concurrent)
     cfgs = [[replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in p] for p in packs]
     names = [_pack_name(p[0].attention, p[0].d_model, [f"N{c.task[0][0]}_T{c.task[0][1]}" for c in p]) for p in cfgs]
-    # auto / off: packed / unpacked with reused workers; *_fresh: a worker process per Tune trial (the default)
+    # auto / off: packed / unpacked with reused workers (the default); *_fresh: a worker process per Tune trial
     studies = ["auto", "off"] + (["auto_fresh", "off_fresh"] if args.fresh_workers else [])
     walls: dict[str, list[float]] = {k: [] for k in [*studies, "bare"]}
     loads: dict[str, list[float]] = {k: [] for k in walls}

@@ -168,9 +168,8 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=spec.max_concurrent,
-            # LADDER_REUSE_WORKERS: one worker process runs trial after trial (a fresh process per Tune
-            # trial cost unpacked studies about half their wall, docs/benchmarks.md); off by default until
-            # a killed packed Optuna study resumes clean with it (docs/reliability.md)
+            # LADDER_REUSE_WORKERS (default true): one worker process runs trial after trial; a fresh process
+            # per Tune trial cost unpacked studies about half their wall (docs/benchmarks.md)
             reuse_actors=settings.reuse_workers,
         ),
         run_config=tune.RunConfig(
