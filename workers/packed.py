@@ -147,7 +147,10 @@ def _vmap_autograd(base: Transformer, params: dict[str, Tensor], *batch: Tensor)
     No operation mixes members, so member i's gradient depends on its own loss only; a member
     that diverged is left out of the summed loss before the backward pass.
     """
-    losses = vmap(lambda p, *a: _member_loss(base, p, *a))(params, *batch)
+    if next(iter(params.values())).shape[0] == 1:  # one member: the same loss without vmap's batching
+        losses = _member_loss(base, {n: p[0] for n, p in params.items()}, *(a[0] for a in batch)).unsqueeze(0)
+    else:
+        losses = vmap(lambda p, *a: _member_loss(base, p, *a))(params, *batch)
 
     def grads(keep: list[int] | None) -> dict[str, Tensor]:
         total = (losses if keep is None else losses[keep]).sum()
