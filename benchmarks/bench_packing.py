@@ -306,14 +306,59 @@ def _run_study(pack: str, data: Path, reuse: bool = True) -> dict[str, Any]:
         [sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True, check=True
     ).stdout.split()[-1]
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if run.returncode:
-        raise RuntimeError(f"the {pack} quick-start driver failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "workers.driver", study_id], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+        cpu = _cpu_by_process(driver)
+        wall = time.perf_counter() - t
+        if driver.returncode:
+            err.seek(0)
+            raise RuntimeError(
+                f"the {pack} quick-start driver failed (exit {driver.returncode}):\n{err.read()[-3000:]}"
+            )
     lines = (data / "studies" / study_id / "trials.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines if x.strip()]
     timings = json.loads((data / "studies" / study_id / "status.json").read_text())["timings"]
-    return {"wall_s": wall, "records": records, "timings": timings}
+    return {"wall_s": wall, "records": records, "timings": timings, "cpu_s": cpu}
+
+
+def _process_class(cmdline: list[str]) -> str:
+    """``workers`` (Ray workers: the trainables), ``driver``, or ``ray`` (raylet, GCS and Ray's helpers)."""
+    text = " ".join(cmdline[:3])
+    if text.startswith("ray::") or "default_worker.py" in text:
+        return "workers"
+    return "driver" if "workers.driver" in text else "ray"
+
+
+def _cpu_by_process(driver: subprocess.Popen[str], every_s: float = 0.25) -> dict[str, float]:
+    """CPU-seconds of the driver and every process under it (Ray's and its workers) until the driver exits.
+
+    Sampled every ``every_s``: each process counts with the last CPU time seen, so one that ends
+    between samples loses at most that interval's CPU.
+    """
+    import psutil
+
+    root = psutil.Process(driver.pid)
+    last: dict[int, tuple[str, float]] = {}
+    while driver.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    kind = "driver" if proc.pid == driver.pid else _process_class(proc.cmdline())
+                last[proc.pid] = (kind, times.user + times.system)
+            except psutil.Error:
+                continue
+        time.sleep(every_s)
+    out = {"driver": 0.0, "ray": 0.0, "workers": 0.0}
+    for kind, seconds in last.values():
+        out[kind] += seconds
+    return out
 
 
 def _pack_name(kind: str, d_model: int, points: list[str]) -> str:
@@ -368,6 +413,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
     outcomes: dict[str, list[tuple[str, str, str]]] = {}
     bare: list[list[float]] = []
     timings: dict[str, list[dict[str, float]]] = {k: [] for k in studies}  # the driver's phases (status.json)
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in studies}  # CPU-s of the driver, Ray, the workers
     trained: list[dict[str, float]] = []  # per packed run: each pack's wall inside its trainable
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,6 +428,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     res = _run_study(what.split("_")[0], Path(tmp) / f"{what}{rep}", reuse=not what.endswith("_fresh"))
                     timings[what].append(res["timings"])
+                    cpu[what].append(res["cpu_s"])
                     if what == "auto":
                         trained.append(_trained_walls(res["records"]))
                     outcomes[what] = sorted(
@@ -410,6 +457,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
         "bare_wall_s": bare_wall,
         "overhead": auto / bare_wall,
         "timings": timings,
+        "cpu_by_process": {k: {c: statistics.median(r[c] for r in v) for c in v[0]} for k, v in cpu.items()},
         "overhead_fit": _stats(fit) | {"runs": fit},
         "overhead_per_pack": _stats(per_pack) | {"runs": per_pack, "packs": names},
     }
@@ -503,6 +551,10 @@ def report(results: dict[str, Any]) -> str:
             f"5-min load at the end of each run: {json.dumps({k: v['load5_at_end'] for k, v in s['walls'].items()})}",
             f"overhead (packed study wall / bare) {s['overhead']:.2f} (target <= {TARGET_OVERHEAD})",
             f"driver phases, packed: {s['timings']['auto']}",
+            "CPU-s by process (medians): "
+            + "; ".join(
+                f"{k}: " + ", ".join(f"{c} {v:.1f}" for c, v in row.items()) for k, row in s["cpu_by_process"].items()
+            ),
             f"driver phases, unpacked: {s['timings']['off']}",
             f"per-trial overhead (Tune run of the packed study / bare packs on its workers): median "
             f"{s['overhead_fit']['median']:.3f}, runs {[round(x, 3) for x in s['overhead_fit']['runs']]}",
