@@ -25,7 +25,7 @@ from ray.tune import Stopper
 from ray.tune.schedulers import ASHAScheduler
 
 from studies.live_report import ReportRefresher, publish_report
-from studies.records import repair_records
+from studies.records import read_records, repair_records
 from studies.settings import Settings, get_settings
 from studies.spec import StudySpec
 from studies.studydir import (
@@ -347,6 +347,8 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
             _in_fit = False
             phases.mark("fit_s")
         state = _final_state(d) if _stop_requested else "finished"
+        if state == "finished":
+            _close_lost_runs(d, mlinfo)
     except _Stopped:
         state = _final_state(d)
     except Exception as e:
@@ -390,6 +392,18 @@ class _Phases:
     def restart(self) -> None:
         """The next phase starts now: time since the last mark belongs to no phase."""
         self.last = time.time()
+
+
+def _close_lost_runs(study_dir: Path, mlinfo: dict[str, str]) -> None:
+    """End the MLflow runs of trials lost at a driver kill (``tracking.close_lost_runs``); never fails the study."""
+    try:
+        keys = {r.trial_key for r in read_records(study_dir / RECORDS)}
+        n = tracking.close_lost_runs(mlinfo["tracking_uri"], mlinfo["experiment_id"], mlinfo["run_id"], keys)
+    except Exception:
+        log.exception("ending the MLflow runs of lost trials failed")
+        return
+    if n:
+        log.warning("%d MLflow child run(s) of trials lost at a driver kill ended as lost", n)
 
 
 def _provenance(study_id: str, spec: StudySpec) -> dict[str, Any]:

@@ -128,6 +128,30 @@ def finish_study_run(tracking_uri: str, run_id: str, state: str) -> None:
     _client(tracking_uri).set_terminated(run_id, status)
 
 
+LOST = "started by a Tune trial that a driver kill lost before Tune saved it; never recorded"
+
+
+def close_lost_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, recorded: set[str]) -> int:
+    """End the study's child runs still RUNNING whose trial key has no record; returns how many.
+
+    Called once a study has finished, when every trial Tune ran has a record: such a run was started
+    by a Tune trial created after Tune's last experiment snapshot and lost at a driver kill, whose cells
+    the resumed search did not ask again (an Optuna pick is asked again, ``PairedOptunaSearch.recover_orphans``;
+    the frontier search decides afresh). The run stays for the record of what ran, ended ``KILLED``
+    with ``status`` ``lost``, rather than RUNNING for ever.
+    """
+    from mlflow.entities import RunTag
+
+    client = _client(tracking_uri)
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=50000)
+    lost = [r for r in runs if r.data.tags.get("ladder.trial_key") not in recorded]
+    for run in lost:
+        client.log_batch(run.info.run_id, tags=[RunTag("status", "lost"), RunTag("ladder.lost", LOST)])
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(lost)
+
+
 def summary_metrics(report: Report) -> dict[str, float]:
     """Per kind and size: the frontier and the solved count, named ``<what>/<kind>/<size>``.
 

@@ -184,3 +184,24 @@ def test_a_pack_run_again_under_a_new_tune_trial_keeps_the_first_record_and_its_
     by_id = {r.data.tags["ladder.trial_id"]: r.info.run_id for r in runs}
     curve = again.tracker.client.get_metric_history(by_id["t1.m1"], "eval_acc")
     assert [m.step for m in curve] == [50], "the re-run of a recorded member adds nothing to its curve"
+
+
+def test_runs_of_trials_lost_at_a_kill_end_as_lost_once_the_study_finishes(data_dir: Path) -> None:
+    from workers.tracking import close_lost_runs
+
+    settings = get_settings()
+    parent = ensure_study_run(settings.mlflow_uri, "s4", SPEC)
+    tracker = StudyTracker("s4", parent)
+    recorded_cell, lost_cell = make_cell(SPEC, "ea", 0, 0, 0.003, 0), make_cell(SPEC, "ea", 0, 1, 0.003, 0)
+    recorded_run = tracker.trial_run("a", recorded_cell, {})
+    lost_run = tracker.trial_run("b", lost_cell, {})  # its Tune trial was lost; no record will name it
+    other = ensure_study_run(settings.mlflow_uri, "s5", SPEC)  # another study in another experiment
+    untouched = StudyTracker("s5", other).trial_run("c", lost_cell, {})
+    keys = {cell_key(recorded_cell)}
+    assert close_lost_runs(settings.mlflow_uri, parent["experiment_id"], parent["run_id"], keys) == 1
+    client = tracker.client
+    lost = client.get_run(lost_run)
+    assert (lost.info.status, lost.data.tags["status"]) == ("KILLED", "lost") and "ladder.lost" in lost.data.tags
+    assert client.get_run(recorded_run).info.status == "RUNNING", "a recorded trial's run is the callback's to finish"
+    assert client.get_run(untouched).info.status == "RUNNING"
+    assert close_lost_runs(settings.mlflow_uri, parent["experiment_id"], parent["run_id"], keys) == 0
