@@ -324,11 +324,9 @@ def _run_study(pack: str, data: Path, reuse: bool = True) -> dict[str, Any]:
 
 
 def _process_class(cmdline: list[str]) -> str:
-    """``workers`` (Ray workers: the trainables), ``driver``, or ``ray`` (raylet, GCS and Ray's helpers)."""
+    """Of a process under the driver: ``workers`` (Ray workers: the trainables) or ``ray`` (raylet, GCS, helpers)."""
     text = " ".join(cmdline[:3])
-    if text.startswith("ray::") or "default_worker.py" in text:
-        return "workers"
-    return "driver" if "workers.driver" in text else "ray"
+    return "workers" if text.startswith("ray::") or "default_worker.py" in text else "ray"
 
 
 def _cpu_by_process(driver: subprocess.Popen[str], every_s: float = 0.25) -> dict[str, float]:

@@ -16,10 +16,11 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from studies.records import OUTCOMES, trial_key
+from studies.records import OUTCOMES
 from studies.spec import StudySpec
 from studies.stats import SOLVED_AT, decide, seeds_to_decide
 from workers.model import ModelConfig, count_parameters
+from workers.tracking import cell_key
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +193,10 @@ class PairedOptunaSearch(_PicklingSearcher):
         trial.set_user_attr("ladder.trial_keys", keys)  # stable across resumes, unlike Tune's trial ids
         return True
 
-    def _twin_cells(self, params: dict[str, Any]) -> list[tuple[Cell, str]]:
-        """The twins of a pick with Optuna parameters ``params``: each cell with its trial key."""
-        size, point = self.spec.model.all_sizes()[params["size_idx"]], self.spec.task.points()[params["point_idx"]]
-        return [
-            (
-                make_cell(self.spec, kind, params["size_idx"], params["point_idx"], params["lr"], seed),
-                trial_key(kind, size.name, point.name, params["lr"], seed),
-            )
-            for kind, seed in self.twins
-        ]
+    def _twin_cells(self, params: dict[str, Any]) -> list[Cell]:
+        """The twins of a pick with Optuna parameters ``params``."""
+        size_idx, point_idx, lr = params["size_idx"], params["point_idx"], params["lr"]
+        return [make_cell(self.spec, kind, size_idx, point_idx, lr, seed) for kind, seed in self.twins]
 
     def _queue_pick(self, number: int, params: dict[str, Any]) -> tuple[str, list[str]]:
         """Queue the twins of Optuna trial ``number`` (its ``params``) as the next pick; its name and trial keys."""
@@ -209,11 +204,11 @@ class PairedOptunaSearch(_PicklingSearcher):
         self.n_picks += 1
         self.number_of[base] = number
         self.picked[(params["size_idx"], params["point_idx"], params["lr"])] = number
-        twins = self._twin_cells(params)
-        for cell, _ in twins:
+        cells = self._twin_cells(params)
+        for cell in cells:
             self.pick_of[_twin(cell)] = base
             self.pending.append((base, cell))
-        return base, [key for _, key in twins]
+        return base, [cell_key(c) for c in cells]
 
     def next_cells(self, k: int) -> list[Cell]:
         """Up to ``k`` trial cells to run now: the twins of as many picks as it takes, in order."""
@@ -306,7 +301,7 @@ class PairedOptunaSearch(_PicklingSearcher):
                 whole
                 and key not in self.picked
                 and self.n_picks < (self.spec.search.n_trials or 0)
-                and [k for _, k in self._twin_cells(params)] == t.user_attrs["ladder.trial_keys"]
+                and [cell_key(c) for c in self._twin_cells(params)] == t.user_attrs["ladder.trial_keys"]
             ):
                 self._queue_pick(t.number, params)
                 requeued += 1

@@ -12,7 +12,7 @@ from studies.report_html import write_report
 from studies.settings import get_settings
 from studies.spec import StudySpec
 from workers.search import make_cell
-from workers.tracking import StudyTracker, artifact_location, cell_key, ensure_study_run, log_report
+from workers.tracking import StudyTracker, artifact_location, cell_key, ensure_study_run, flush, log_report
 
 pytestmark = pytest.mark.integration
 
@@ -160,8 +160,7 @@ def test_a_pack_run_again_under_a_new_tune_trial_keeps_the_first_record_and_its_
     first.on_trial_result(0, [t1], t1, progress)
     first.on_trial_result(0, [t1], t1, {"members": {}, "finals": {"1": solved}})  # member 1 recorded; then kill -9
 
-    again = pickle.loads(pickle.dumps(first))  # what Tune restores: the callback as it was saved
-    again._by_key = again._shown = None
+    again = pickle.loads(pickle.dumps(first))  # what Tune restores: the callback as it was saved (caches empty)
     again.tracker.runs.clear()  # saved before t1 started
     t2 = trial("t2")
     again.on_trial_start(0, [t2], t2)
@@ -173,9 +172,7 @@ def test_a_pack_run_again_under_a_new_tune_trial_keeps_the_first_record_and_its_
     again.on_trial_result(0, [t2], t2, {"members": {}, "finals": finals})
     again.on_trial_complete(0, [t2], t2)
 
-    from workers import tracking
-
-    tracking.flush()
+    flush()
     records = read_records(settings.study_dir("s3") / "trials.jsonl")
     assert sorted(r.trial_id for r in records) == ["t1.m1", "t2.m0"], "each member recorded once, the first time"
     runs = [r for r in again.tracker.client.search_runs([parent["experiment_id"]]) if r.info.run_id != parent["run_id"]]
