@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +80,31 @@ def trial_lines(study_dir: Path) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def driver_mid_study(
-    study_id: str, env: dict[str, str], log: Path, done: int, timeout: float, what: str
+    study_id: str,
+    env: dict[str, str],
+    log: Path,
+    done: int,
+    timeout: float,
+    what: str,
+    on_lock: Callable[[], None] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start the study's driver and wait until ``done`` trials are recorded and one runs; yields the driver.
 
+    ``on_lock`` runs once the driver holds the study's lock, before any trial can have finished: what
+    takes time there (a second driver's start) does not eat into the moment the caller acts on.
     On leaving, the driver and every descendant seen meanwhile (its local Ray, the trials) are
     killed with SIGKILL: a leave without stopping it first is a kill -9 mid-study.
     """
     from studies.settings import get_settings
-    from studies.studydir import read_status
+    from studies.studydir import read_driver_pid, read_status
 
     study_dir = get_settings().study_dir(study_id)
     proc = start_driver(study_id, env, log)
     seen: list[psutil.Process] = []
     try:
+        if on_lock is not None:
+            wait_for(lambda: read_driver_pid(study_dir) == proc.pid, timeout, "the driver holding the study's lock")
+            on_lock()
 
         def some_done_one_running() -> bool:
             assert proc.poll() is None, log.read_text()[-4000:]

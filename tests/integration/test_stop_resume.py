@@ -37,9 +37,8 @@ def test_stop_then_resume_counts_every_trial_once(data_dir: Path, signum: int) -
             "name": "stop",
             "task": {"ladder": [[[7, 2]], [[13, 2]], [[61, 6]]]},
             "model": {"sizes": [SIZE]},
-            # N61_T6 is never solved: its two trials run the whole budget, long enough that the study is
-            # still running when the signal comes (with 800 steps and reused workers it could finish
-            # while the second driver below was starting)
+            # N61_T6 is never solved: its two trials run the whole budget, so trials are still in flight
+            # when the signal comes, right after a finished and a running trial are seen
             "training": {"max_steps": 3000, "eval_interval": 50, "eval_sequences": 128},
             "execution": {"pack": "off"},  # one trial per Tune trial: some finish, some are in flight
         }
@@ -49,11 +48,17 @@ def test_stop_then_resume_counts_every_trial_once(data_dir: Path, signum: int) -
     study_dir = settings.study_dir(study_id)
     env = driver_env(data_dir)
     log = data_dir / "driver.log"
-    with driver_mid_study(study_id, env, log, 1, 400, "a finished trial and a running one") as proc:
-        # A second driver of the same study refuses while this one lives.
-        second = subprocess.run(
-            [sys.executable, "-m", "workers.driver", study_id], env=env, capture_output=True, text=True, timeout=300
-        )
+    refusals: list[subprocess.CompletedProcess[str]] = []
+
+    def second_driver() -> None:  # while the first holds the lock, before its trials get far
+        args = [sys.executable, "-m", "workers.driver", study_id]
+        refusals.append(subprocess.run(args, env=env, capture_output=True, text=True, timeout=300))
+
+    with driver_mid_study(
+        study_id, env, log, 1, 400, "a finished trial and a running one", on_lock=second_driver
+    ) as proc:
+        # A second driver of the same study refused while this one lived.
+        (second,) = refusals
         assert second.returncode == 3, second.stdout[-2000:] + second.stderr[-2000:]
         proc.send_signal(signum)
         assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
