@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 EXIT_CODES = {"finished": 0, "cancelled": 0, "interrupted": 0, "duplicate": 3}  # anything else: 1
 _stop_requested = False  # set by SIGTERM/SIGINT in the driver process
 DRIVER_LOCK_WAIT_S = 3.0  # the service's liveness probe holds the study's driver lock for an instant
-_in_fit = False  # Tune's own interrupt handler (SIGUSR1) is installed only while Tuner.fit runs
 # Tune deletes a trial's checkpoints beyond the newest KEEP_CHECKPOINTS when it registers a new one, and
 # snapshots its experiment state (which names the checkpoint a resume restores) at the end of that loop
 # step at the latest: a driver killed in between resumes to a deleted checkpoint. With two kept, the
@@ -197,6 +197,16 @@ def trainable(spec: StudySpec, fn: Any = None) -> Any:
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
+def _restorable(exp_path: Path) -> bool:
+    """Tune saved an experiment state to resume from, not only the tuner.
+
+    ``Tuner()`` writes ``tuner.pkl`` at once; the experiment state follows at the end of ``fit``'s
+    first step. A driver stopped in between leaves nothing to resume, and Tune's restore of it
+    "restarts the experiment" without the trials' configs: the study starts afresh instead.
+    """
+    return tune.Tuner.can_restore(str(exp_path)) and any(exp_path.glob("experiment_state-*.json"))
+
+
 def _restore_tuner(exp_path: Path, spec: StudySpec, recorded: str | None) -> tuple[tune.Tuner, str]:
     """Tune's experiment restored with the trainable it was built with, which may not be this version's choice.
 
@@ -244,12 +254,43 @@ def _init_ray(settings: Settings) -> None:
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
-    """SIGTERM and SIGINT alike: end Tune's run the way Tune ends it on an interrupt (state saved, resumable)."""
+    """SIGTERM and SIGINT alike: end Tune's run the way Tune ends it on an interrupt (state saved, resumable).
+
+    Before Tune runs, the flag is checked at each step of the start; while ``Tuner.fit`` runs,
+    :class:`_StopRelay` passes it on to Tune.
+    """
     global _stop_requested
     _stop_requested = True
     log.warning("signal %d: stopping the study (resumable)", signum)
-    if _in_fit:
-        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's interrupt handler while Tuner.fit runs
+
+
+class _StopRelay:
+    """While ``Tuner.fit`` runs: a stop request becomes SIGUSR1, Tune's own interrupt, once Tune listens for it.
+
+    Tune installs its SIGUSR1 handler a moment after ``fit`` is entered; SIGUSR1 before that would
+    kill the process (its default action). A signal handler cannot wait for it, so a thread watches
+    for both the request and Tune's handler and sends the interrupt once.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stop-relay", daemon=True)
+
+    def __enter__(self) -> _StopRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if _stop_requested and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
 
 
 def _final_state(study_dir: Path) -> str:
@@ -308,7 +349,7 @@ def run_study(
 
 
 def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool, progress: bool, attempt: int) -> str:
-    global _in_fit
+    global _stop_requested
     d = settings.study_dir(study_id)
     phases = _Phases()
     update_status(d, state="running", attempt=attempt, pid=os.getpid(), started=time.time(), error=None)
@@ -328,23 +369,30 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
     try:
         if _stop_requested:
             raise _Stopped
-        _init_ray(settings)
-        # ray.init installs a native SIGTERM handler that aborts the process: take the signals back.
+        try:
+            _init_ray(settings)
+        except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit) while it starts: a stop all the same
+            if e.code != signal.SIGTERM:
+                raise
+            _stop_requested = True
+            raise _Stopped from None
+        # ray.init installs its own SIGTERM handler (sys.exit, above): take the signals back.
         signal.signal(signal.SIGTERM, _on_stop_signal)
         signal.signal(signal.SIGINT, _on_stop_signal)
         phases.mark("startup_s")
-        if resume and tune.Tuner.can_restore(str(exp_path)):
+        if resume and _restorable(exp_path):
             tuner, used = _restore_tuner(exp_path, spec, read_status(d).get("trainable"))
         else:
             tuner = build_tuner(study_id, spec, settings, progress, tracking.StudyTracker(study_id, mlinfo))
             used = _trainable_fn(spec).__name__
         update_status(d, trainable=used)
-        _in_fit = True
+        if _stop_requested:  # a stop while the tuner was built or restored
+            raise _Stopped
         try:
-            with ReportRefresher(spec, d, _provenance(study_id, spec)):  # the report follows the records
+            # the report follows the records
+            with _StopRelay(), ReportRefresher(spec, d, _provenance(study_id, spec)):
                 tuner.fit()
         finally:
-            _in_fit = False
             phases.mark("fit_s")
         state = _final_state(d) if _stop_requested else "finished"
         if state == "finished":
