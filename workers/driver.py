@@ -137,11 +137,14 @@ def build_tuner(
         else:
             param_space["cell"] = tune.grid_search(cells)
     else:
-        inner: PairedOptunaSearch | FrontierSearch = (
-            PairedOptunaSearch(spec, settings.optuna_url, study_id)
-            if method == "optuna"
-            else FrontierSearch(spec, fill_packs=limit > 1)
-        )
+        inner: PairedOptunaSearch | FrontierSearch
+        if method == "optuna":
+            inner = PairedOptunaSearch(spec, settings.optuna_url, study_id)
+            # a study started afresh after a driver stopped before Tune's first save (_restorable): the picks
+            # that driver asked are RUNNING in Optuna, and this searcher takes them back as a restored one would
+            inner.recover_orphans()
+        else:
+            inner = FrontierSearch(spec, fill_packs=limit > 1)
         # packed: one Tune trial per pack, asked a pack per kind at a time so that kinds stay paired
         search_alg = PackSearch(inner, fixed, limit, limit * len(spec.attention)) if limit > 1 else inner
         num_samples = spec.planned_trials()

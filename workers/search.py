@@ -283,7 +283,9 @@ class PairedOptunaSearch(_PicklingSearcher):
         """Optuna trials left RUNNING by a hard kill that this searcher does not know; (re-queued, failed).
 
         Tune saves its searcher with the experiment at most every 10 s, so a driver killed in between
-        forgets the picks it asked since, while Optuna's storage has them RUNNING, and their Tune trials
+        forgets the picks it asked since (a driver killed before the first save leaves no searcher at all:
+        the study starts afresh, and its new searcher knows none of the study's picks), while Optuna's
+        storage has them RUNNING, and their Tune trials
         may have started (MLflow child runs) or even recorded a twin. A forgotten pick that was fully
         queued (its ``ladder.trial_keys`` are stored) is queued again as the same pick: its trials keep
         their keys, so their MLflow runs and records are found again rather than left as orphans, and
@@ -308,16 +310,14 @@ class PairedOptunaSearch(_PicklingSearcher):
                 continue
             self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             failed += 1
+        if requeued or failed:
+            log.warning("Optuna picks an earlier driver left RUNNING: %d queued again, %d failed", requeued, failed)
         return requeued, failed
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self._upgrade()
-        requeued, failed = self.recover_orphans()
-        if requeued or failed:
-            log.warning(
-                "after resume: %d pick(s) asked after the last checkpoint queued again, %d failed", requeued, failed
-            )
+        self.recover_orphans()
 
     def _upgrade(self) -> None:
         """State a searcher pickled before ``next_cells``/``record`` lacks (it kept picks per Tune trial id)."""

@@ -586,6 +586,21 @@ def test_paired_restore_requeues_picks_made_after_the_checkpoint(storage: str, t
     assert fresh.suggest("more") == FINISHED
 
 
+def test_a_fresh_searcher_takes_back_the_picks_of_a_driver_stopped_before_tunes_first_save(storage: str) -> None:
+    # Tune saves the experiment (and its searcher) first at the end of fit's first step: a driver killed
+    # before that leaves nothing to restore, so the study starts afresh over the Optuna study it had begun.
+    before = PairedOptunaSearch(PAIRED, storage, "paired")
+    late = take(before, TWINS + 1)  # pick 0 whole and the first twin of pick 1, then the kill
+    fresh = PairedOptunaSearch(PAIRED, storage, "paired")
+    assert fresh.recover_orphans() == (2, 0)
+    again = take(fresh, 2 * TWINS, "r")
+    assert [c for _, c in again][: TWINS + 1] == [c for _, c in late], "the same cells, the same trial keys"
+    for trial_id, _ in again:
+        fresh.on_trial_complete(trial_id, final(2.0, "solved", 10))
+    trials = study(storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2, "each pick told once, none re-asked"
+
+
 def test_paired_restore_fails_a_forgotten_pick_beyond_n_trials(storage: str, tmp_path: Path) -> None:
     search = PairedOptunaSearch(PAIRED, storage, "paired")
     take(search, (PAIRED.search.n_trials or 0) * TWINS)
