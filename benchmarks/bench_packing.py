@@ -22,6 +22,9 @@ Parts (``--parts``, default all):
   study's wall time over the bare packs'. With ``--fresh-workers``, packed and unpacked also run with
   a new worker process per Tune trial (``LADDER_REUSE_WORKERS=false``), to show what reused
   workers bring to each.
+* ``context``: one fixed pack in a plain process, a Ray task and a Tune function trainable (with
+  a longer thread switch interval too, and a plain process with a thread waking every
+  millisecond), each timed where it ran: what Ray and Tune cost a pack alone on the box.
 
 Every timed case is repeated ``--reps`` times in an interleaved, shuffled order; the report
 gives medians and the spread (min-max). Run ``python -m benchmarks.bench_packing --help``.
@@ -359,6 +362,75 @@ def _cpu_by_process(driver: subprocess.Popen[str], every_s: float = 0.25) -> dic
     return out
 
 
+def _pack_wall(cfgs: list[TrialConfig], switch_s: float | None = None, waker: bool = False) -> float:
+    """One pack's wall, its state taken at every evaluation as the trainable takes it (one torch thread).
+
+    ``switch_s``: the interpreter's thread switch interval; ``waker``: a Python thread waking every
+    millisecond meanwhile (a stand-in for the actor's other threads contending for the GIL).
+    """
+    import threading
+
+    torch.set_num_threads(1)
+    if switch_s:
+        sys.setswitchinterval(switch_s)
+    stop = threading.Event()
+
+    def wake() -> None:
+        while not stop.wait(0.001):
+            pass
+
+    if waker:
+        threading.Thread(target=wake, daemon=True).start()
+    try:
+        return _timed(lambda: run_pack(cfgs, lambda evaluated, finished, state: state()))
+    finally:
+        stop.set()
+
+
+def part_context(args: argparse.Namespace) -> dict[str, Any]:
+    """The same pack in a plain process, a Ray task and a Tune function trainable: what the context costs.
+
+    The quick-start's d32 dpa pack on its top rung (no member stops early), ``--context-steps`` steps,
+    one case at a time (the box otherwise idle), cases shuffled in every repetition; each figure is
+    the pack's wall measured where it ran, not the scheduling around it.
+    """
+    import ray
+    from ray import tune
+
+    _, cfgs = _quickstart_pack("dpa", 1)
+    cfgs = [replace(c, max_steps=args.context_steps, task=[[31, 6]]) for c in cfgs]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    in_task = ray.remote(num_cpus=1)(_pack_wall)
+
+    def in_tune(storage: str, switch_s: float | None) -> float:
+        def trainable(config: dict[str, Any]) -> None:
+            tune.report({"wall": _pack_wall(cfgs, switch_s)})
+
+        grid = tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
+        return float(grid[0].metrics["wall"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-context-") as storage:
+        cases: dict[str, Callable[[], float]] = {
+            "plain process": lambda: _pack_wall(cfgs),
+            "plain process + a thread waking every 1 ms": lambda: _pack_wall(cfgs, waker=True),
+            "Ray task": lambda: float(ray.get(in_task.remote(cfgs))),
+            "Tune function trainable": lambda: in_tune(storage, None),
+            "Tune function trainable, switch interval 50 ms": lambda: in_tune(storage, 0.05),
+        }
+        _pack_wall(cfgs[:1])  # warm-up
+        rng = random.Random(args.seed)
+        walls: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(args.reps):
+            order = list(cases)
+            rng.shuffle(order)
+            for name in order:
+                walls[name].append(cases[name]())
+    ray.shutdown()
+    plain = statistics.median(walls["plain process"])
+    rows = {k: _stats(v) | {"runs": v, "vs_plain": statistics.median(v) / plain} for k, v in walls.items()}
+    return {"shape": _shape(cfgs[0]), "members": len(cfgs), "rows": rows}
+
+
 def _pack_name(kind: str, d_model: int, points: list[str]) -> str:
     return f"{kind} d{d_model} " + ",".join(sorted(points))
 
@@ -481,6 +553,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "kinds": part_kinds,
     "overhead": part_overhead,
     "study": part_study,
+    "context": part_context,
 }
 
 
@@ -526,6 +599,18 @@ def report(results: dict[str, Any]) -> str:
             f"bare {md['bare_pack_s']:.1f} s):",
             *[f"- {k}: {v:.2f} s" for k, v in md["parts_s"].items()],
             f"modelled overhead ratio before {md['ratio_before']:.3f}, now {md['ratio_now']:.3f}",
+        ]
+    if "context" in results:
+        c = results["context"]
+        out += [
+            f"\n## A pack of {c['members']} in a plain process, a Ray task, a Tune trainable ({c['shape']})",
+            "",
+            "| where | median s | min-max s | vs plain |",
+            "|---|---|---|---|",
+            *[
+                f"| {k} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['vs_plain']:.3f}x |"
+                for k, r in c["rows"].items()
+            ],
         ]
     if "study" in results:
         s = results["study"]
@@ -573,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions per case")
     p.add_argument("--overhead-steps", type=int, default=200, help="steps of the bare pack in the overhead part")
     p.add_argument("--overhead-reps", type=int, default=3, help="repetitions of the slow overhead components")
+    p.add_argument("--context-steps", type=int, default=400, help="steps of the pack in the context part")
     p.add_argument("--study-reps", type=int, default=2, help="quick-start runs per setting (alternating)")
     p.add_argument(
         "--fresh-workers",

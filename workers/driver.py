@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -352,36 +353,22 @@ def run_study(
 
 
 def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool, progress: bool, attempt: int) -> str:
-    global _stop_requested
     d = settings.study_dir(study_id)
     phases = _Phases()
     update_status(d, state="running", attempt=attempt, pid=os.getpid(), started=time.time(), error=None)
-    from studies.stores import init_stores
-
-    init_stores(settings)  # before MLflow or Optuna is touched: a fresh store is migrated once
-    repair_records(d / RECORDS)  # a driver killed mid-write left half a line
-    mlinfo = read_status(d).get("mlflow") or tracking.ensure_study_run(
-        settings.mlflow_uri,
-        study_id,
-        spec,
-        tracking.artifact_location(settings.mlflow_uri, settings.data_dir, study_id),
-    )
+    # The stores and the study's MLflow run are made ready while Ray starts: about 3 s each on a fresh data
+    # dir, mostly waiting (migrations, Ray's processes starting), so they overlap (docs/benchmarks.md).
+    # What Ray's start raised is raised below, once the study's MLflow run exists to record the outcome.
+    with ThreadPoolExecutor(1, thread_name_prefix="stores") as pool:
+        tracking_ready = pool.submit(_open_tracking, study_id, spec, settings)
+        ray_error = _start_ray(settings)
+        mlinfo = tracking_ready.result()
     update_status(d, mlflow=mlinfo)
     exp_path = Path(settings.tune_storage) / study_id
     state, error = "failed", None
     try:
-        if _stop_requested:
-            raise _Stopped
-        try:
-            _init_ray(settings)
-        except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit) while it starts: a stop all the same
-            if e.code != signal.SIGTERM:
-                raise
-            _stop_requested = True
-            raise _Stopped from None
-        # ray.init installs its own SIGTERM handler (sys.exit, above): take the signals back.
-        signal.signal(signal.SIGTERM, _on_stop_signal)
-        signal.signal(signal.SIGINT, _on_stop_signal)
+        if ray_error is not None:
+            raise ray_error
         phases.mark("startup_s")
         if resume and _restorable(exp_path):
             tuner, used = _restore_tuner(exp_path, spec, read_status(d).get("trainable"))
@@ -419,6 +406,41 @@ def _run_locked(study_id: str, spec: StudySpec, settings: Settings, resume: bool
 
 class _Stopped(Exception):
     """A stop signal arrived before Tune started."""
+
+
+def _open_tracking(study_id: str, spec: StudySpec, settings: Settings) -> dict[str, str]:
+    """The stores ready, the records whole, the study's MLflow parent run found or created; its ids."""
+    from studies.stores import init_stores
+
+    d = settings.study_dir(study_id)
+    init_stores(settings)  # before MLflow or Optuna is touched: a fresh store is migrated once
+    repair_records(d / RECORDS)  # a driver killed mid-write left half a line
+    return read_status(d).get("mlflow") or tracking.ensure_study_run(
+        settings.mlflow_uri,
+        study_id,
+        spec,
+        tracking.artifact_location(settings.mlflow_uri, settings.data_dir, study_id),
+    )
+
+
+def _start_ray(settings: Settings) -> Exception | None:
+    """Ray started, the stop signals ours again; what prevented it (a stop: :class:`_Stopped`), returned."""
+    global _stop_requested
+    if _stop_requested:
+        return _Stopped()
+    try:
+        _init_ray(settings)
+    except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit) while it starts: a stop all the same
+        if e.code != signal.SIGTERM:
+            raise
+        _stop_requested = True
+        return _Stopped()
+    except Exception as e:
+        return e
+    finally:  # ray.init installs its own SIGTERM handler (sys.exit, above): take the signals back
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+        signal.signal(signal.SIGINT, _on_stop_signal)
+    return None
 
 
 class _Phases:
