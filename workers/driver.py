@@ -140,7 +140,7 @@ def build_tuner(
     else:
         inner: PairedOptunaSearch | FrontierSearch
         if method == "optuna":
-            inner = PairedOptunaSearch(spec, settings.optuna_url, study_id)
+            inner = PairedOptunaSearch(spec, settings.optuna_url, study_id, str(settings.study_dir(study_id) / RECORDS))
             # a study started afresh after a driver stopped before Tune's first save (_restorable): the picks
             # that driver asked are RUNNING in Optuna, and this searcher takes them back as a restored one would
             inner.recover_orphans()

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from studies.records import OUTCOMES
+from studies.records import OUTCOMES, TrialRecord, read_records
 from studies.spec import StudySpec
 from studies.stats import SOLVED_AT, decide, seeds_to_decide
 from workers.model import ModelConfig, count_parameters
@@ -107,10 +107,11 @@ class PairedOptunaSearch(_PicklingSearcher):
     ``on_trial_complete`` wrap them for Tune.
     """
 
-    def __init__(self, spec: StudySpec, storage_url: str, study_name: str) -> None:
+    def __init__(self, spec: StudySpec, storage_url: str, study_name: str, records: str | None = None) -> None:
         super().__init__(metric="score", mode="max")
         self.spec = spec
         self.storage_url, self.study_name = storage_url, study_name
+        self.records_path = records  # the study's trials file: twins of a re-queued pick already on file
         lr = spec.hparams.lr
         self.space: dict[str, optuna.distributions.BaseDistribution] = {
             "size_idx": optuna.distributions.IntDistribution(0, len(spec.model.all_sizes()) - 1),
@@ -285,16 +286,18 @@ class PairedOptunaSearch(_PicklingSearcher):
         Tune saves its searcher with the experiment at most every 10 s, so a driver killed in between
         forgets the picks it asked since (a driver killed before the first save leaves no searcher at all:
         the study starts afresh, and its new searcher knows none of the study's picks), while Optuna's
-        storage has them RUNNING, and their Tune trials
-        may have started (MLflow child runs) or even recorded a twin. A forgotten pick that was fully
-        queued (its ``ladder.trial_keys`` are stored) is queued again as the same pick: its trials keep
-        their keys, so their MLflow runs and records are found again rather than left as orphans, and
-        Optuna is told its result once. A pick killed mid-ask (no keys yet), a repeat of a known pick,
-        or one beyond ``n_trials`` is told FAIL.
+        storage has them RUNNING, and their Tune trials may have started (MLflow child runs) or even
+        recorded a twin. A forgotten pick that was fully queued (its ``ladder.trial_keys`` are stored)
+        is queued again as the same pick: its trials keep their keys, so their MLflow runs and records
+        are found again rather than left as orphans, and Optuna is told its result once. Its twins with
+        an outcome on file (``records``) are not trained again: the record is their result, so Optuna's
+        value is the one the report scores. A pick killed mid-ask (no keys yet), a repeat of a known
+        pick, or one beyond ``n_trials`` is told FAIL.
         """
         mine = set(self.number_of.values()) - self.completed
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        requeued = failed = 0
+        requeued = failed = from_records = 0
+        on_file = self._outcomes_on_file() if any(t.number not in mine for t in running) else {}
         for t in sorted((t for t in running if t.number not in mine), key=lambda t: t.number):
             params = t.params
             whole = set(params) == set(self.space) and "ladder.trial_keys" in t.user_attrs
@@ -305,14 +308,31 @@ class PairedOptunaSearch(_PicklingSearcher):
                 and self.n_picks < (self.spec.search.n_trials or 0)
                 and [cell_key(c) for c in self._twin_cells(params)] == t.user_attrs["ladder.trial_keys"]
             ):
-                self._queue_pick(t.number, params)
+                base, _ = self._queue_pick(t.number, params)
                 requeued += 1
+                # twins recorded before the kill are not trained again: their records are their results
+                for cell in [c for b, c in self.pending if b == base and cell_key(c) in on_file]:
+                    self.pending.remove((base, cell))
+                    self.record(cell, {"final": True} | on_file[cell_key(cell)].model_dump())
+                    from_records += 1
                 continue
             self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             failed += 1
         if requeued or failed:
-            log.warning("Optuna picks an earlier driver left RUNNING: %d queued again, %d failed", requeued, failed)
+            log.warning(
+                "Optuna picks an earlier driver left RUNNING: %d queued again (%d twins taken from their records), "
+                "%d failed",
+                requeued,
+                from_records,
+                failed,
+            )
         return requeued, failed
+
+    def _outcomes_on_file(self) -> dict[str, TrialRecord]:
+        """The study's records with an outcome, by trial key (none without a trials file)."""
+        if not self.records_path:
+            return {}
+        return {r.trial_key: r for r in read_records(self.records_path) if r.status in OUTCOMES}
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -326,6 +346,7 @@ class PairedOptunaSearch(_PicklingSearcher):
             self.pick_of = {_twin(c): base_of[t] for t, c in self.cell_of.items() if t in base_of}
             self.pick_of |= {_twin(c): base for base, c in self.pending}
         self.__dict__.setdefault("spent", False)
+        self.__dict__.setdefault("records_path", None)
 
 
 class FrontierSearch(_PicklingSearcher):

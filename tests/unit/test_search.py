@@ -12,6 +12,7 @@ import optuna
 import pytest
 from ray.tune.search import Searcher
 
+from studies.records import TrialRecord, append_record
 from studies.spec import StudySpec
 from workers.search import FrontierSearch, PairedOptunaSearch, frontier_score, highest_rung_value, make_cell
 from workers.tracking import cell_key
@@ -599,6 +600,33 @@ def test_a_fresh_searcher_takes_back_the_picks_of_a_driver_stopped_before_tunes_
         fresh.on_trial_complete(trial_id, final(2.0, "solved", 10))
     trials = study(storage).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2, "each pick told once, none re-asked"
+
+
+def test_a_requeued_pick_takes_its_twins_on_file_from_the_records(storage: str, tmp_path: Path) -> None:
+    # Pick 1 was asked after the searcher's last save; both its dpa twins were recorded before the kill.
+    # They are not trained again, and Optuna's value for dpa is the one the records (and the report) hold.
+    records = tmp_path / "trials.jsonl"
+    search = PairedOptunaSearch(PAIRED, storage, "paired", str(records))
+    first = take(search, TWINS)
+    path = tmp_path / "searcher.pkl"
+    search.save(str(path))
+    late = take(search, TWINS, "late")
+    for _, cell in late:
+        if cell["kind"] == "dpa":
+            size = cell["size"]
+            kw = {k: size[k] for k in ("d_model", "n_layers", "n_heads")} | {"eval_acc": 0.25, "n_params": 1234}
+            fields = {k: cell[k] for k in ("kind", "point", "coords", "seed", "lr")}
+            append_record(records, TrialRecord(study_id="s", trial_id="x", status="unsolved", **fields, **kw))
+    fresh = PairedOptunaSearch(PAIRED, storage, "paired", str(records))
+    fresh.restore(str(path))
+    rest = take(fresh, 2, "r")
+    assert [c for _, c in rest] == [c for _, c in late if c["kind"] == "ea"], "only the twins not on file run again"
+    for trial_id, _ in [*first, *rest]:
+        fresh.on_trial_complete(trial_id, final(2.0, "solved", 1234))
+    told = study(storage).get_trials()[1]
+    rung = float(sum(late[0][1]["coords"]))
+    assert told.state == optuna.trial.TrialState.COMPLETE
+    assert told.values == [pytest.approx(0.25 - 1), rung, 1234]  # dpa: its records (unsolved); ea: the re-runs
 
 
 def test_paired_restore_fails_a_forgotten_pick_beyond_n_trials(storage: str, tmp_path: Path) -> None:
