@@ -215,14 +215,20 @@ class _ProgressWriter:
 
     def _loop(self) -> None:
         while True:
-            tracking_uri, run_id, metrics = self._queue.get()
-            try:
-                if tracking_uri not in self._clients:
-                    self._clients[tracking_uri] = _client(tracking_uri)
-                self._clients[tracking_uri].log_batch(run_id, metrics=metrics)
-            except Exception:  # progress is best-effort: the record and the final metrics are written in line
-                log.warning("progress metrics of run %s not logged", run_id, exc_info=True)
-            finally:
+            items = [self._queue.get()]
+            while True:  # what queued up meanwhile goes in the same round: one batch per run, not per point
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for tracking_uri, run_id, metrics in coalesce(items):
+                try:
+                    if tracking_uri not in self._clients:
+                        self._clients[tracking_uri] = _client(tracking_uri)
+                    self._clients[tracking_uri].log_batch(run_id, metrics=metrics)
+                except Exception:  # progress is best-effort: the record and the final metrics are written in line
+                    log.warning("progress metrics of run %s not logged", run_id, exc_info=True)
+            for _ in items:
                 self._queue.task_done()
 
     def join(self) -> None:
@@ -230,6 +236,24 @@ class _ProgressWriter:
 
 
 _progress = _ProgressWriter()
+MAX_BATCH_METRICS = 1000  # MLflow's limit on metrics in one log_batch
+
+
+def coalesce(items: list[tuple[str, str, list[Any]]]) -> list[tuple[str, str, list[Any]]]:
+    """Queued progress points as one batch per (store, run), in order, within MLflow's batch limit.
+
+    Each queued point is a store round trip (about 7 ms on SQLite); a pack reports every member at
+    every evaluation, so when the writer falls behind (big packs, many trials) the points waiting
+    for the same run go in one call instead of one call each.
+    """
+    runs: dict[tuple[str, str], list[Any]] = {}
+    for tracking_uri, run_id, metrics in items:
+        runs.setdefault((tracking_uri, run_id), []).extend(metrics)
+    return [
+        (uri, run_id, metrics[i : i + MAX_BATCH_METRICS])
+        for (uri, run_id), metrics in runs.items()
+        for i in range(0, len(metrics), MAX_BATCH_METRICS)
+    ]
 
 
 def flush() -> None:

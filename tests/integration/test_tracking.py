@@ -202,3 +202,32 @@ def test_runs_of_trials_lost_at_a_kill_end_as_lost_once_the_study_finishes(data_
     assert client.get_run(recorded_run).info.status == "RUNNING", "a recorded trial's run is the callback's to finish"
     assert client.get_run(untouched).info.status == "RUNNING"
     assert close_lost_runs(settings.mlflow_uri, parent["experiment_id"], parent["run_id"], keys) == 0
+
+
+def test_progress_points_queued_for_a_run_reach_mlflow_whole(data_dir: Path) -> None:
+    """The writer puts what queued up for one run in one batch: every point arrives, once."""
+    from mlflow.entities import Metric
+
+    from workers.tracking import MAX_BATCH_METRICS, coalesce
+
+    uri = get_settings().mlflow_uri
+    tracker = StudyTracker("s4", ensure_study_run(uri, "s4", SPEC))
+    runs = [tracker.trial_run(f"t{s}", make_cell(SPEC, "ea", 0, 0, 0.003, s), {"lr": 0.003}) for s in (0, 1)]
+    for step in range(0, 3000, 100):  # 30 evaluations of a pack of two, queued faster than they are written
+        for i, run_id in enumerate(runs):
+            tracker.log_progress(run_id, {"step": step, "search_acc": step / 3000 + i, "train_loss": 1.0})
+    flush()
+    for i, run_id in enumerate(runs):
+        history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, "search_acc"))
+        assert history == [(s, s / 3000 + i) for s in range(0, 3000, 100)]
+
+    # one batch per run and store, in first-seen order, split at MLflow's limit
+    m = [Metric("k", 1.0, 0, s) for s in range(MAX_BATCH_METRICS + 5)]
+    batches = coalesce([("u", "a", m[:3]), ("u", "b", m[:1]), ("u", "a", m[3:]), ("v", "a", m[:2])])
+    assert [(u, r, len(x)) for u, r, x in batches] == [
+        ("u", "a", MAX_BATCH_METRICS),
+        ("u", "a", 5),
+        ("u", "b", 1),
+        ("v", "a", 2),
+    ]
+    assert [x.step for _, _, batch in batches[:2] for x in batch] == list(range(MAX_BATCH_METRICS + 5))
