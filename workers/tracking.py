@@ -242,9 +242,9 @@ MAX_BATCH_METRICS = 1000  # MLflow's limit on metrics in one log_batch
 def coalesce(items: list[tuple[str, str, list[Any]]]) -> list[tuple[str, str, list[Any]]]:
     """Queued progress points as one batch per (store, run), in order, within MLflow's batch limit.
 
-    Each queued point is a store round trip (about 7 ms on SQLite); a pack reports every member at
-    every evaluation, so when the writer falls behind (big packs, many trials) the points waiting
-    for the same run go in one call instead of one call each.
+    Each queued point is a store round trip (about 5 ms of CPU on SQLite, docs/benchmarks.md); a pack
+    reports every member at every evaluation, so when the writer falls behind (big packs, many
+    trials) the points waiting for the same run go in one call instead of one call each.
     """
     runs: dict[tuple[str, str], list[Any]] = {}
     for tracking_uri, run_id, metrics in items:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -77,14 +76,12 @@ def test_a_stop_during_the_start_is_an_interrupt_that_resumes(data_dir: Path, wh
     study_dir = settings.study_dir(study_id)
     env, log = driver_env(data_dir), data_dir / "driver.log"
     args = [sys.executable, "-c", DRIVER_WITH_SIGNAL, study_id, where]
-    start = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         rc = proc.wait(timeout=180)
     finally:
         kill_tree(proc)
-    took = time.monotonic() - start
     status = read_status(study_dir)
     assert (rc, status["state"], status.get("error")) == (0, "interrupted", None), log.read_text()[-4000:]
     assert not list(read_records(study_dir / "trials.jsonl")), "stopped before any trial could finish"
@@ -94,4 +91,3 @@ def test_a_stop_during_the_start_is_an_interrupt_that_resumes(data_dir: Path, wh
     keys = [r.trial_key for r in read_records(study_dir / "trials.jsonl")]
     assert read_status(study_dir)["state"] == "finished"
     assert len(keys) == len(set(keys)) == spec.planned_trials() == 2, keys
-    print(f"{where}: stopped in {took:.1f} s")
