@@ -71,8 +71,10 @@ class Supervisor:
             with self._lock:
                 self._stopping.discard(study_id)
         study = self.registry.get(study_id)
-        if study is None or study.state != "cancelling" or study.handle != handle:
-            return  # a resume or delete overtook this cancel
+        # A reconcile that saw the driver dead may have ended the cancel meanwhile ("cancelled"): the
+        # driver's status file is still this cancel's to settle. A resume or delete overtook it otherwise.
+        if study is None or study.state not in ("cancelling", "cancelled") or study.handle != handle:
+            return
         d = self.settings.study_dir(study_id)
         if self.launcher.liveness(study_id, handle) is Liveness.DEAD and read_status(d).get("state") not in TERMINAL:
             update_status(d, state="cancelled", running=0)  # killed before it could say so itself

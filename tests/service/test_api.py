@@ -482,6 +482,21 @@ def test_running_study_cancel_delete_resume_conflicts(open_service: OpenService)
         assert c.delete(f"/studies/{sid}").status_code == 204
 
 
+def test_a_cancel_the_reconciler_ended_first_still_settles_the_drivers_status(svc: Service) -> None:
+    """The driver was killed at the end of its grace before it wrote its state; the watch loop saw it
+    dead and ended the cancel before the cancel's own thread came back: the status file still says so."""
+    sid = insert_study(svc, "cancelling", handle="local-0")
+    d = svc.settings.study_dir(sid)
+    update_status(d, state="running", attempt=0)  # the driver's last word before the SIGKILL
+    supervisor = svc.app.state.supervisor
+    study = svc.registry.get(sid)
+    assert study is not None
+    assert supervisor.reconcile(study).state == "cancelled"  # the reconciler, first
+    supervisor._stop(sid, "local-0")  # then the cancel's thread, its driver gone
+    assert read_status(d)["state"] == "cancelled"
+    assert svc.client.get(f"/studies/{sid}").json()["state"] == "cancelled"
+
+
 @pytest.mark.parametrize("state", ["cancelled", "failed", "interrupted"])
 def test_cancel_a_stopped_study_is_409(svc: Service, state: str) -> None:
     sid = insert_study(svc, state)
