@@ -22,6 +22,10 @@ Parts (``--parts``, default all):
   study's wall time over the bare packs'. With ``--fresh-workers``, packed and unpacked also run with
   a new worker process per Tune trial (``LADDER_REUSE_WORKERS=false``), to show what reused
   workers bring to each.
+* ``trial``: the per-trial overhead with a core to spare: the packed quick-start through the real
+  driver with ``max_concurrent: 1`` against its packs bare, one after another in one process; each
+  pack's wall inside its trainable over the same pack bare. On a two-core box the study part's
+  per-pack figure also holds the driver's and Ray's CPU, which two packs at once leave no core for.
 * ``context``: one fixed pack in a plain process, a Ray task and a Tune function trainable (with
   a longer thread switch interval too, and a plain process with a thread waking every
   millisecond), each timed where it ran: what Ray and Tune cost a pack alone on the box.
@@ -285,15 +289,14 @@ def part_overhead(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run_study(pack: str, data: Path, reuse: bool = True) -> dict[str, Any]:
+def _run_study(pack: str, data: Path, reuse: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The quick-start study through the real driver in a fresh process; wall time and its records.
 
     ``reuse``: Tune trials run one after another in the same worker processes (``LADDER_REUSE_WORKERS=true``,
-    the default); off, every Tune trial starts its own worker process.
+    the default); off, every Tune trial starts its own worker process. ``overrides``: top-level spec
+    fields replaced (``_quickstart_spec``).
     """
-    from studies.spec import StudySpec
-
-    spec = StudySpec.from_file(QUICKSTART).model_dump(mode="json")
+    spec = _quickstart_spec(overrides)
     spec["execution"] = {"pack": pack}
     env = os.environ | {
         "LADDER_DATA_DIR": str(data),
@@ -326,9 +329,14 @@ def _run_study(pack: str, data: Path, reuse: bool = True) -> dict[str, Any]:
     return {"wall_s": wall, "records": records, "timings": timings, "cpu_s": cpu}
 
 
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # Ray's per-node helpers, titled like workers
+
+
 def _process_class(cmdline: list[str]) -> str:
     """Of a process under the driver: ``workers`` (Ray workers: the trainables) or ``ray`` (raylet, GCS, helpers)."""
     text = " ".join(cmdline[:3])
+    if text.startswith(RAY_AGENTS):
+        return "ray"
     return "workers" if text.startswith("ray::") or "default_worker.py" in text else "ray"
 
 
@@ -463,19 +471,79 @@ def _bare_study(packs: list[list[TrialConfig]], workers: int) -> dict[str, Any]:
         return {"wall_s": time.perf_counter() - t, "pack_s": each}
 
 
-def part_study(args: argparse.Namespace) -> dict[str, Any]:
-    """Packed study, unpacked study and the bare packs, in a shuffled order in every repetition."""
+# study part's runs through the driver: name -> (execution.pack, reused workers)
+STUDY_CASES = {"auto": ("auto", True), "off": ("off", True), "auto_fresh": ("auto", False), "off_fresh": ("off", False)}
+
+
+def _quickstart_spec(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The quick-start spec as JSON, with some top-level fields replaced."""
+    from studies.spec import StudySpec
+
+    return StudySpec.from_file(QUICKSTART).model_dump(mode="json") | (overrides or {})
+
+
+def _quickstart_packs(overrides: dict[str, Any] | None = None) -> tuple[int, list[list[TrialConfig]], list[str]]:
+    """The (overridden) quick-start grid's packs as its driver plans them: (trials at once, configs, pack names)."""
     from studies.spec import StudySpec
     from workers.driver import fixed_config
     from workers.packing import max_members, plan_packs
     from workers.search import grid_cells
     from workers.trial import trial_config
 
-    spec = StudySpec.from_file(QUICKSTART)
+    spec = StudySpec.model_validate(_quickstart_spec(overrides))
     fixed = fixed_config(spec)
     packs = plan_packs(grid_cells(spec), max_members(spec), fixed, spec.max_concurrent)
     cfgs = [[replace(trial_config({"cell": c, "fixed": fixed}), device="cpu") for c in p] for p in packs]
     names = [_pack_name(p[0].attention, p[0].d_model, [f"N{c.task[0][0]}_T{c.task[0][1]}" for c in p]) for p in cfgs]
+    return spec.max_concurrent, cfgs, names
+
+
+def _median_interval(xs: list[float], seed: int, n: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median of ``xs``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def part_trial(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-trial overhead with a core to spare: each quick-start pack as a study of its own vs the same pack bare.
+
+    The study part's per-pack overhead runs two packs at once on a two-core box, where the driver's
+    and Ray's own CPU (scheduling, MLflow, records, the live report) comes out of the packs' walls.
+    Here every (kind, size) of the quick-start is a study of one pack through the real driver (Ray,
+    Tune, MLflow, checkpoints, records, status), and right before or after it (the order drawn
+    each time) the same pack runs bare in a plain process: a pair. A pack's wall inside its
+    trainable over its bare wall is what Ladder adds to the trial itself; pairs close in time
+    cancel most of the box's drift. ``--study-reps`` rounds over the four packs, shuffled.
+    """
+    base = _quickstart_spec()
+    groups = [(kind, size) for kind in base["attention"] for size in base["model"]["sizes"]]
+    rng = random.Random(args.seed)
+    pairs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.study_reps):
+            rng.shuffle(groups)
+            for kind, size in groups:
+                overrides = {"attention": [kind], "model": base["model"] | {"sizes": [size]}, "max_concurrent": 1}
+                _, cfgs, names = _quickstart_packs(overrides)
+                pair: dict[str, Any] = {"pack": names[0], "bare_first": rng.random() < 0.5}
+                print(f"[trial rep {rep}: {names[0]}]", file=sys.stderr, flush=True)
+                for what in ("bare", "trained") if pair["bare_first"] else ("trained", "bare"):
+                    if what == "bare":
+                        pair["bare_s"] = _bare_study(cfgs, 1)["pack_s"][0]
+                    else:
+                        res = _run_study("auto", Path(tmp) / f"trial{len(pairs)}", overrides=overrides)
+                        pair["trained_s"] = _trained_walls(res["records"])[names[0]]
+                pair["ratio"] = pair["trained_s"] / pair["bare_s"]
+                pairs.append(pair)
+    ratios = [p["ratio"] for p in pairs]
+    lo, hi = _median_interval(ratios, args.seed)
+    return {"pairs": pairs, "overhead_per_pack": _stats(ratios) | {"ci95_median": [lo, hi]}}
+
+
+def part_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Packed study, unpacked study and the bare packs, in a shuffled order in every repetition."""
+    workers, cfgs, names = _quickstart_packs()
     # auto / off: packed / unpacked with reused workers (the default); *_fresh: a worker process per Tune trial
     studies = ["auto", "off"] + (["auto_fresh", "off_fresh"] if args.fresh_workers else [])
     walls: dict[str, list[float]] = {k: [] for k in [*studies, "bare"]}
@@ -493,10 +561,11 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
             for what in order:
                 print(f"[study rep {rep}: {what}]", file=sys.stderr, flush=True)
                 if what == "bare":  # no Ray, MLflow, checkpoints, records or status: training alone
-                    res = _bare_study(cfgs, spec.max_concurrent)
+                    res = _bare_study(cfgs, workers)
                     bare.append(res["pack_s"])
                 else:
-                    res = _run_study(what.split("_")[0], Path(tmp) / f"{what}{rep}", reuse=not what.endswith("_fresh"))
+                    pack, reuse = STUDY_CASES[what]
+                    res = _run_study(pack, Path(tmp) / f"{what}{rep}", reuse=reuse)
                     timings[what].append(res["timings"])
                     cpu[what].append(res["cpu_s"])
                     if what == "auto":
@@ -522,7 +591,7 @@ def part_study(args: argparse.Namespace) -> dict[str, Any]:
         "reuse_gain": {k: med[f"{k}_fresh"] / med[k] for k in ("auto", "off") if f"{k}_fresh" in med},
         "same_outcomes": all(outcomes.get(k) == outcomes.get("auto") for k in studies),
         "outcomes": outcomes,
-        "packs": [len(p) for p in packs],
+        "packs": [len(p) for p in cfgs],
         "bare_pack_s": bare,
         "bare_wall_s": bare_wall,
         "overhead": auto / bare_wall,
@@ -554,6 +623,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "overhead": part_overhead,
     "study": part_study,
     "context": part_context,
+    "trial": part_trial,
 }
 
 
@@ -611,6 +681,18 @@ def report(results: dict[str, Any]) -> str:
                 f"| {k} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['vs_plain']:.3f}x |"
                 for k, r in c["rows"].items()
             ],
+        ]
+    if "trial" in results:
+        t = results["trial"]
+        o = t["overhead_per_pack"]
+        out += [
+            "\n## Per-trial overhead with a core to spare (each quick-start pack a study of its own, paired bare)",
+            "",
+            "| pack | bare s | in its trainable s | ratio |",
+            "|---|---|---|---|",
+            *[f"| {p['pack']} | {p['bare_s']:.2f} | {p['trained_s']:.2f} | {p['ratio']:.3f} |" for p in t["pairs"]],
+            f"\nper-pack overhead: median {o['median']:.3f} (95% interval {o['ci95_median'][0]:.3f}-"
+            f"{o['ci95_median'][1]:.3f}), range {o['min']:.3f}-{o['max']:.3f} (target <= {TARGET_OVERHEAD})",
         ]
     if "study" in results:
         s = results["study"]
