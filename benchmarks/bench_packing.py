@@ -62,8 +62,16 @@ TARGET_OVERHEAD = 1.10  # packed study time / bare packed loop
 TARGET_KIND_RATIO = 1.05  # EA/DPA step time inside the packed trainer
 
 
-def quickstart_shape(size: int = 1) -> TrialConfig:
-    """A quick-start trial (size 0: d16 l1, size 1: d32 l2) on its top rung, as the driver resolves it."""
+SHAPES = ROOT / "benchmarks" / "quickstart_shapes.json"  # quickstart_shape's source: see resolve_quickstart_shape
+
+
+def resolve_quickstart_shape(size: int = 1) -> TrialConfig:
+    """A quick-start trial (size 0: d16 l1, size 1: d32 l2) on its top rung, as the driver resolves it.
+
+    Needs the spec's packages (pydantic and the rest); ``quickstart_shape`` reads the same configs
+    from ``SHAPES`` so that the throughput and kinds parts run where only torch is installed (the
+    device machine). ``--write-shapes`` rewrites that file; a unit test keeps the two equal.
+    """
     from studies.spec import StudySpec
     from workers.driver import fixed_config
     from workers.search import make_cell
@@ -75,13 +83,32 @@ def quickstart_shape(size: int = 1) -> TrialConfig:
     return replace(trial_config({"cell": cell, "fixed": fixed}), device="cpu")
 
 
+def quickstart_shape(size: int = 1, device: str = "cpu") -> TrialConfig:
+    """``resolve_quickstart_shape(size)`` as recorded in ``SHAPES``, on ``device``."""
+    return replace(TrialConfig(**json.loads(SHAPES.read_text())[str(size)]), device=device)
+
+
+def write_shapes() -> None:
+    from dataclasses import asdict
+
+    shapes = {str(size): asdict(resolve_quickstart_shape(size)) for size in (0, 1)}
+    SHAPES.write_text(json.dumps(shapes, indent=2) + "\n")
+
+
 def _members(base: TrialConfig, m: int, steps: int) -> list[TrialConfig]:
     return [replace(base, seed=s, max_steps=steps, eval_interval=steps) for s in range(m)]
 
 
+def _sync() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], Any]) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()  # on a GPU: the work queued, done
     return time.perf_counter() - t
 
 
@@ -89,7 +116,8 @@ def interleaved(cases: dict[str, Callable[[], Any]], reps: int, seed: int) -> di
     """Wall seconds of every case, ``reps`` times, the case order shuffled in every repetition."""
     rng = random.Random(seed)
     out: dict[str, list[float]] = {k: [] for k in cases}
-    run_pack(_members(quickstart_shape(0), 2, 5))  # warm-up: imports, allocator, first-call costs
+    for fn in cases.values():  # warm-up, untimed: each case's first-call costs (allocator, kernels, eval sets)
+        fn()
     for _ in range(reps):
         order = list(cases)
         rng.shuffle(order)
@@ -102,40 +130,69 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _solo_in_process(base: TrialConfig, steps: int, barrier: Any) -> tuple[float, float]:
+    """One solo trial in this (spawned) process, after a warm-up, started with the others: (start, end) epoch s."""
+    torch.set_num_threads(1)
+    run_trial(_members(base, 1, 2)[0])  # warm-up: CUDA context, kernels, allocator
+    _sync()
+    barrier.wait()
+    start = time.time()
+    run_trial(_members(base, 1, steps)[0])
+    _sync()
+    return start, time.time()
+
+
+def _solo_processes(base: TrialConfig, steps: int, procs: int) -> float:
+    """Wall seconds of ``procs`` processes training one solo trial each, at once, on ``base.device``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+        barrier = manager.Barrier(procs)
+        spans = list(pool.map(_solo_in_process, [base] * procs, [steps] * procs, [barrier] * procs))
+    return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
 def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
-    base = quickstart_shape(args.size)
+    base = quickstart_shape(args.size, args.device)
     steps = args.steps
     cases: dict[str, Callable[[], Any]] = {"solo run_trial": lambda: run_trial(_members(base, 1, steps)[0])}
     for m in args.pack_sizes:
         cases[f"pack {m}"] = lambda m=m: run_pack(_members(base, m, steps))
     times = interleaved(cases, args.reps, args.seed)
+    if args.solo_procs > 1:  # one trial per process, several processes sharing the device at once
+        name = f"solo run_trial x {args.solo_procs} processes"
+        times[name] = [_solo_processes(base, steps, args.solo_procs) for _ in range(args.reps)]
     rows = {}
     for name, xs in times.items():
-        m = 1 if name.startswith("solo") else int(name.split()[1])
+        m = args.solo_procs if " processes" in name else 1 if name.startswith("solo") else int(name.split()[1])
         per_member_step = statistics.median(xs) / (m * steps)
         rows[name] = _stats(xs) | {
             "members": m,
             "s_per_member_step": per_member_step,
             "trials_per_hour": 3600 / (per_member_step * base.max_steps),
         }
-    solo = rows["solo run_trial"]["trials_per_hour"]
+    # against the best of one trial per process: alone, or several processes sharing the device
+    solo = max(r["trials_per_hour"] for k, r in rows.items() if k.startswith("solo"))
     for r in rows.values():
         r["vs_solo"] = r["trials_per_hour"] / solo
     return {"shape": _shape(base), "steps_timed": steps, "rows": rows}
 
 
 def part_forms(args: argparse.Namespace) -> dict[str, Any]:
-    base = quickstart_shape(args.size)
+    base = quickstart_shape(args.size, args.device)
     cases = {
         f"{form} M={m}": lambda form=form, m=m: run_pack(_members(base, m, args.steps), form=form)
         for m in args.form_sizes
         for form in GRADIENT_FORMS
     }
-    return {"shape": _shape(base), "rows": {k: _stats(v) for k, v in interleaved(cases, args.reps, args.seed).items()}}
+    times = interleaved(cases, args.reps, args.seed)
+    return {"shape": _shape(base), "rows": {k: _stats(v) for k, v in times.items()}}
 
 
 def part_kinds(args: argparse.Namespace) -> dict[str, Any]:
-    base = quickstart_shape(args.size)
+    base = quickstart_shape(args.size, args.device)
     cases = {
         f"{kind} M={m}": lambda kind=kind, m=m: run_pack(_members(replace(base, attention=kind), m, args.steps))
         for m in args.form_sizes
@@ -609,11 +666,11 @@ def _shape(cfg: TrialConfig) -> str:
     )
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     """The machine and its load now (bench_attention's environment record)."""
     from benchmarks.bench_attention import environment
 
-    return environment(torch.device("cpu")) | {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return environment(torch.device(device)) | {"loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -748,6 +805,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="study part: also run packed and unpacked with a new worker process per Tune trial",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets one)")
+    p.add_argument(
+        "--device", default="cpu", help="throughput, forms and kinds parts: where the trials train (cpu, cuda)"
+    )
+    p.add_argument(
+        "--solo-procs",
+        type=int,
+        default=1,
+        help="throughput part: also time this many processes training one solo trial each at once",
+    )
+    p.add_argument("--write-shapes", action="store_true", help=f"rewrite {SHAPES.name} from the spec and exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     return p
@@ -760,13 +827,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
         raise SystemExit(f"unknown part(s) {unknown}; known: {list(PARTS)}")
-    results: dict[str, Any] = {"machine_start": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.write_shapes:
+        write_shapes()
+        print(f"wrote {SHAPES}")
+        return 0
+    results: dict[str, Any] = {
+        "machine_start": machine(args.device),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     for part in parts:
         results[part] = PARTS[part](args)
         print(f"[{part} done]", file=sys.stderr, flush=True)
         if args.json:  # a later part that fails leaves the earlier ones on disk
             args.json.write_text(json.dumps(results, indent=2, default=str))
-    results["machine_end"] = machine()
+    results["machine_end"] = machine(args.device)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
