@@ -6,7 +6,10 @@ Parts (``--parts``, default all):
   (``workers.packed.run_pack``), against solo ``run_trial``. Members train the quick-start's
   top rung (N31_T6), which none solves in the timed steps, so every member runs every step; a
   full trial is ``max_steps`` steps with an evaluation every ``eval_interval``, and trials/hour
-  is extrapolated from the time per member-step (evaluation included at its share).
+  is extrapolated from the time per member-step (evaluation included at its share). ``--solo-procs P``
+  adds P processes training one solo trial each at once (one trial per process, sharing the device);
+  "vs solo" is against the better of the solo cases. ``--device cuda`` puts this part, ``forms`` and
+  ``kinds`` on a GPU (``benchmarks/gpu_packing.sh``: the prepared GPU run, which needs only torch).
 * ``forms``: the two gradient forms of ``GRADIENT_FORMS`` side by side (pack training time).
 * ``kinds``: EA/DPA training time ratio inside the packed trainer, same members, same steps.
 * ``overhead``: what a Tune trial costs beyond its training, component by component (medians of
@@ -22,10 +25,11 @@ Parts (``--parts``, default all):
   study's wall time over the bare packs'. With ``--fresh-workers``, packed and unpacked also run with
   a new worker process per Tune trial (``LADDER_REUSE_WORKERS=false``), to show what reused
   workers bring to each.
-* ``trial``: the per-trial overhead with a core to spare: the packed quick-start through the real
-  driver with ``max_concurrent: 1`` against its packs bare, one after another in one process; each
-  pack's wall inside its trainable over the same pack bare. On a two-core box the study part's
-  per-pack figure also holds the driver's and Ray's CPU, which two packs at once leave no core for.
+* ``trial``: the per-trial overhead with a core to spare: every (kind, size) of the quick-start as a
+  study of one pack through the real driver (``max_concurrent: 1``), paired with the same pack bare
+  in a plain process right before or after it; each pair's ratio is the pack's wall inside its
+  trainable over its bare wall. On a two-core box the study part's per-pack figure also holds the
+  driver's and Ray's CPU, which two packs at once leave no core for, and the drift between runs.
 * ``context``: one fixed pack in a plain process, a Ray task and a Tune function trainable (with
   a longer thread switch interval too, and a plain process with a thread waking every
   millisecond), each timed where it ran: what Ray and Tune cost a pack alone on the box.
