@@ -440,7 +440,24 @@ def _start_ray(settings: Settings) -> Exception | None:
     finally:  # ray.init installs its own SIGTERM handler (sys.exit, above): take the signals back
         signal.signal(signal.SIGTERM, _on_stop_signal)
         signal.signal(signal.SIGINT, _on_stop_signal)
+        if _stop_requested:
+            _disarm_abort_alarm()
     return None
+
+
+def _disarm_abort_alarm() -> None:
+    """Cancel the alarm that Ray's C++ signal handler may have armed for a stop during ``ray.init``.
+
+    While Ray starts, its core worker installs abseil's failure signal handler, SIGTERM included. When
+    that handler sees a signal it prints a stack, passes the signal on (to ray.init's ``sys.exit``),
+    and first arms a 3 s alarm that aborts the process (abseil's ``alarm_on_failure_secs``, meant for
+    a handler that hangs). A driver that then needs more than 3 s to record the stop and shut Ray
+    down died with SIGABRT (exit -6) instead of exiting 0 as interrupted. Left alone when someone in
+    Python owns SIGALRM (a test timeout, say).
+    """
+    if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 class _Phases:

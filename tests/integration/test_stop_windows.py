@@ -40,10 +40,15 @@ if where == "ray.init":
     real_init = ray.init
     def init(*a, **k):
         out = real_init(*a, **k)
-        term()  # Ray's handler still holds SIGTERM: sys.exit(15) on the next bytecode
+        term()  # Ray's handlers still hold SIGTERM: sys.exit(15) on the next bytecode
         time.sleep(5)
         return out
     ray.init = init
+    real_exit = driver._exit_now
+    def exit_late(code):
+        time.sleep(4)  # a slow exit: past the 3 s abort alarm abseil's handler arms when it sees a signal
+        real_exit(code)
+    driver._exit_now = exit_late
 elif where == "build_tuner":
     real_build = driver.build_tuner
     def build(*a, **k):
