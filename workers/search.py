@@ -363,24 +363,26 @@ class FrontierSearch(_PicklingSearcher):
     lane at the middle rung, bisecting down from a failure), then adds seeds to the two cells at
     the boundary until both are decided. Seeds come in the smallest batch that could decide a cell,
     one at a time once its outcomes disagree, and stop when the remaining seeds could not decide
-    it (the grid could not either); the walk then goes past such a rung to the next one that can
-    be settled unsolved. Rungs above a rung settled unsolved are inferred unsolved until the data
-    contradict monotonicity: a confident hole (a rung settled unsolved below one settled solved;
-    a failure below the boundary is given seeds to tell a hole from noise) turns the lane to
-    scanning every rung above its highest solved one. With ``verify``, a lane is checked with one
+    it (the grid could not either). Such a rung above every certainly solved one leaves the lane's
+    frontier undetermined for good on a monotone lane (``_open_at``): from then on only the rungs
+    below it get seeds (the interval's lower end, mostly solved trials that stop early), none go
+    to settling rungs above it unsolved at full budget. For the same reason a lower boundary cell
+    whose outcomes disagree is settled before the cell above it gets more seeds. Rungs above a
+    rung settled unsolved are inferred unsolved until the data contradict monotonicity: a
+    confident hole (a rung settled unsolved below one settled solved; a failure below the
+    boundary is given seeds to tell a hole from noise) turns the lane to scanning every rung
+    above its highest solved one. With ``verify``, a lane is checked with one
     seed at its easiest rung, where a hole shows itself cheaply. Failed, OOM, preempted, diverged
     and early-stopped trials are censored: retried up to ``max_retries`` times on the same seed,
     never counted as unsolved. With too few seeds to decide any cell, it runs the whole grid.
 
-    With ``fill_packs`` (set when the study trains packs, ``workers.pack_search``), the search
-    fills the packs it opens where that costs less: a pack's member-step costs far less than a
-    trial alone (docs/benchmarks.md, "Throughput by pack size"), and each kind's cells on a lane
-    form one pack. Two rules: (1) a cell whose outcomes disagree gets at once every seed that could
-    still decide it (toward its majority), as one pack, rather than one seed per pack; (2) the
-    ``verify`` check of a lane's easiest rung, which every lane needs (the walk or the check
-    probes it), joins the first pack the lane opens for that kind instead of running alone at the
-    end. Speculating further (the probed rung's deciding seeds, the top rung's, the next rung up)
-    costs more than it saves in the packing-aware simulation (``benchmarks/bench_frontier.py``).
+    With ``fill_packs`` (set when the study trains packs, ``workers.pack_search``), the ``verify``
+    check of a lane's easiest rung, which every lane needs (the walk or the check probes it), joins
+    the first pack the lane opens for that kind instead of running alone at the end: a pack's
+    member-step costs less than a trial alone (docs/benchmarks.md, "Throughput by pack size").
+    Speculating further (a disagreeing cell's deciding seeds at once, the probed rung's, the top
+    rung's, the next rung up) costs more than it saves in the packing-aware simulation
+    (``benchmarks/bench_frontier.py``).
 
     ``next_cells(k)`` hands out up to k trial cells at once (a pack); ``record(cell, result)``
     tells the searcher one cell's result. ``suggest`` / ``on_trial_complete`` wrap them for Tune.
@@ -470,9 +472,7 @@ class FrontierSearch(_PicklingSearcher):
         """Seeds to add to a probed cell now: 0 once it is decided or the seeds left cannot decide it.
 
         The fewest that could decide it while its outcomes agree; one at a time once they disagree,
-        so a cell that turns out undecidable stops as soon as it is. With ``fill_packs``, the fewest
-        that could decide it even when they disagree: one pack of several seeds costs less than
-        the same seeds one pack each.
+        so a cell that turns out undecidable stops as soon as it is.
         """
         k, n = self._counts(kind, si, pi)
         if not n or decide(k, n) != "undetermined":
@@ -480,13 +480,58 @@ class FrontierSearch(_PicklingSearcher):
         need = seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind])))
         if need is None:
             return 0
-        return need if k in (0, n) or self.fill_packs else 1
+        return need if k in (0, n) else 1
 
-    def _top(self, kind: str, si: int, rest: tuple[int, ...]) -> int:
-        """The highest rung most of whose seeds solved it on this lane (-1: none)."""
+    def _undecidable(self, kind: str, si: int, pi: int) -> bool:
+        """Probed, undetermined, nothing in flight, and no outcomes of the seeds left could decide it."""
+        k, n = self._counts(kind, si, pi)
+        if not n or decide(k, n) != "undetermined":
+            return False
+        if any(v and key[:3] == (kind, si, pi) for key, v in self.in_flight.items()):
+            return False
+        return seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind]))) is None
+
+    def _undecidable_above(self, kind: str, si: int, rest: tuple[int, ...]) -> int | None:
+        """On a monotone lane, the lowest undecidable rung at or above its top and above every certainly solved rung."""
+        lo, _, monotone = self.lane_status(kind, si, rest)
+        if not monotone:
+            return None
+        return next(
+            (
+                r
+                for r in range(max(lo + 1, self._top(kind, si, rest)), self.length)
+                if (pi := self.index.get((*rest, r))) is not None and self._undecidable(kind, si, pi)
+            ),
+            None,
+        )
+
+    def _open_at(self, kind: str, si: int, rest: tuple[int, ...]) -> tuple[int | None, dict[int, int]]:
+        """The rung that leaves this lane's frontier undetermined for good, or (None, what to look at first).
+
+        The report determines a frontier when its highest certainly solved rung is also its highest
+        possibly solved one. An undecidable rung above every certainly solved rung stays possibly
+        solved, so only a rung above it settled solved could still determine the frontier: on a
+        monotone lane only by noise, or on a plateau (two rungs near the same rate, where the grid's
+        eight seeds may settle the upper one by luck). So the rung right above gets a second look
+        when a single seed failed it; a success there keeps the lane walking as before. A lane with
+        a confident hole is scanned instead.
+        """
+        r = self._undecidable_above(kind, si, rest)
+        nxt = self.index.get((*rest, r + 1)) if r is not None else None
+        if r is None or nxt is None:
+            return r, {}
+        k, n = self._counts(kind, si, nxt)
+        if n == 0 or decide(k, n) == "unsolved" or (k == 0 and n >= 2):
+            return r, {}
+        if (k, n) == (0, 1) and self._more_seeds(kind, si, nxt):
+            return None, {r + 1: 1}
+        return None, {}
+
+    def _top(self, kind: str, si: int, rest: tuple[int, ...], limit: int | None = None) -> int:
+        """The highest rung below ``limit`` most of whose seeds solved it on this lane (-1: none)."""
         likely = [
             r
-            for r in range(self.length)
+            for r in range(self.length if limit is None else limit)
             if (pi := self.index.get((*rest, r))) is not None and _likely(*self._counts(kind, si, pi))
         ]
         return max(likely, default=-1)
@@ -500,18 +545,27 @@ class FrontierSearch(_PicklingSearcher):
         return top if top >= 0 else None
 
     def _wants(self, kind: str, si: int, rest: tuple[int, ...]) -> dict[int, int]:
-        """What one kind needs next on a lane: {rung: new seeds}; {} once its boundary is settled."""
-        rungs = [r for r in range(self.length) if (*rest, r) in self.index]
+        """What one kind needs next on a lane: {rung: new seeds}; {} once its boundary is settled.
+
+        Once the lane's frontier can no longer be determined (``_open_at``), only the rungs below the
+        rung that keeps it open are worth seeds: they settle the interval's lower end, mostly with
+        solved trials that stop early, while settling rungs above it unsolved costs full budgets
+        and can determine nothing.
+        """
+        open_at, first = self._open_at(kind, si, rest)
+        if first:
+            return first
+        limit = self.length if open_at is None else open_at
+        rungs = [r for r in range(limit) if (*rest, r) in self.index]
         pis = {r: self.index[(*rest, r)] for r in rungs}
         counts = {r: self._counts(kind, si, pis[r]) for r in rungs}
         probed = [r for r in rungs if counts[r][1]]
         more = {r: self._more_seeds(kind, si, pis[r]) for r in probed}
         _, _, monotone = self.lane_status(kind, si, rest)
-        a = self._top(kind, si, rest)
-        # the walk stops at the first rung above a that is, or can still be, settled unsolved;
-        # a rung no seed count can settle is walked past (it decides nothing about the rungs above)
+        a = self._top(kind, si, rest, limit)
+        # the walk stops at the first rung above a that is, or can still be, settled unsolved
         above = [r for r in probed if r > a and (more[r] or decide(*counts[r]) == "unsolved")]
-        b = min(above, default=self.length) if monotone else self.length
+        b = min(above, default=limit) if monotone else limit
         gap = [r for r in rungs if a < r < b and r not in probed]
         if gap and more.get(a) and counts[a][1] < 2 and any(r < a and not _likely(*counts[r]) for r in probed):
             return {a: 1}  # one seed solved it above a failure: noise or a jump? a second seed, before walking on
@@ -520,10 +574,13 @@ class FrontierSearch(_PicklingSearcher):
             if not probed and start in gap:
                 return {start: 1}
             return {gap[0] if a >= 0 else gap[(len(gap) - 1) // 2]: 1}
+        if monotone and more.get(a) and 0 < counts[a][0] < counts[a][1]:
+            # a's outcomes disagree: if it turns out undecidable, nothing above it is worth settling
+            return {a: more[a]}
         wants = {r: more[r] for r in (a, b) if more.get(r)}
         # rungs probed above the boundary must be settled, or the report counts them possibly solved:
         # above a rung settled unsolved on a monotone lane, above the highest solved one when scanning
-        floor = (b if b < self.length and decide(*counts[b]) == "unsolved" else None) if monotone else a
+        floor = (b if b < limit and decide(*counts[b]) == "unsolved" else None) if monotone else a
         if floor is not None:
             wants |= {r: more[r] for r in probed if r > floor and more[r]}
         # a failure below the top: a hole (the lane is then scanned) or noise? one seed at a time

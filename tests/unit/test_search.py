@@ -207,17 +207,19 @@ def test_extra_seeds_go_only_to_the_kind_still_undetermined() -> None:
     assert all(not at[r] for r in (0, 1, 4, 5, 6, 7)), "nothing below the boundary, nothing above it"
 
 
-def test_fill_packs_gives_a_disagreeing_cell_every_seed_that_could_decide_it_at_once() -> None:
+def test_a_disagreeing_cell_gets_one_seed_at_a_time_even_when_packs_are_filled() -> None:
     spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, search={"method": "frontier"})
     search = FrontierSearch(spec, fill_packs=True)
     for kind in spec.attention:
         for rung in range(3):
             tell(search, spec, kind, 0, rung, [0], 1)
     tell(search, spec, "dpa", 0, 3, [0, 1, 2, 3], 0)
-    tell(search, spec, "ea", 0, 3, [0, 1, 2, 3], 1)  # 1/4: four more unsolved seeds make it 1/8, unsolved
+    tell(search, spec, "ea", 0, 3, [0, 1, 2, 3], 1)  # 1/4: four more unsolved seeds would make it 1/8, unsolved
     got = search.next_cells(100)
     at = {r: sorted((c["kind"], c["seed"]) for c in got if c["coords"] == [r]) for r in range(len(RUNGS))}
-    assert at[3] == [("ea", s) for s in (4, 5, 6, 7)], "one pack of the seeds that could decide it, not one each"
+    # four at once would save packs, but a cell that disagrees may turn out undecidable, and one seed at a
+    # time stops as soon as it does (then the lane's frontier is open and nothing above it gets seeds)
+    assert at[3] == [("ea", 4)]
     assert at[2] == [(k, s) for k in ("dpa", "ea") for s in (1, 2, 3)]
     assert at[0] == [], "the easiest rung already has an outcome: no check"
     assert all(not at[r] for r in (1, 4, 5, 6, 7))
@@ -249,14 +251,57 @@ def test_fill_packs_settles_the_ladder_within_the_spec_seeds_and_never_repeats_a
     assert len(sim.done) <= 0.35 * LADDER_2LR.planned_trials()
 
 
-def test_a_cell_the_seeds_left_cannot_decide_gets_no_more_and_the_walk_goes_past_it() -> None:
+def test_a_lane_left_open_by_an_undecidable_rung_settles_only_the_rungs_below_it() -> None:
     spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, attention=["dpa"], search={"method": "frontier"})
     search = FrontierSearch(spec)
     for rung in range(3):
         tell(search, spec, "dpa", 0, rung, [0], 1)
     tell(search, spec, "dpa", 0, 3, [0, 1, 2, 3], 2)  # 2/4: even 4 more agreeing seeds leave it undetermined
+    tell(search, spec, "dpa", 0, 4, [0], 0)  # the rung above: one seed failed it
+    assert search._open_at("dpa", 0, ()) == (None, {4: 1}), "a second look at the rung above first"
+    assert [(c["coords"][0], c["seed"]) for c in search.next_cells(100)] == [(4, 1)]
+    tell(search, spec, "dpa", 0, 4, [1], 0)  # 0/2 there: the frontier can no longer be determined
+    assert search._open_at("dpa", 0, ()) == (3, {})
     got = search.next_cells(100)
-    assert {c["coords"][0] for c in got} == {4} and len(got) == 1, "the next rung that can still be settled"
+    # rung 3 stays possibly solved whatever comes; the interval's lower end can still be settled: rung 2
+    # gets the seeds that could settle it solved, and nothing at or above rung 3 is run
+    assert sorted((c["coords"][0], c["seed"]) for c in got) == [(2, 1), (2, 2), (2, 3)]
+    for c in got:
+        search.record(c, {"final": True, "status": "solved"})
+    assert search.next_cells(100) == [] and search.done(), "rung 2 settled solved, the lane's interval is [2, 4]"
+
+
+def test_a_success_right_above_an_undecidable_rung_keeps_the_lane_walking() -> None:
+    # a plateau: rungs 1 and 2 both near 3/4, so eight seeds may settle rung 2 solved (a determined
+    # frontier above an undetermined rung) while rung 1 stays undetermined
+    spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, attention=["dpa"], search={"method": "frontier"})
+    search = FrontierSearch(spec, verify=False)
+    tell(search, spec, "dpa", 0, 0, [0, 1, 2, 3], 4)
+    tell(search, spec, "dpa", 0, 1, [0, 1, 2, 3, 4], 2)  # 2/5: undecidable
+    tell(search, spec, "dpa", 0, 2, [0, 1], 1)  # 1/2 at the rung above: it may still be settled solved
+    assert search._open_at("dpa", 0, ()) == (None, {})
+    got = search.next_cells(100)
+    assert {c["coords"][0] for c in got} == {2}, "the walk settles the rung above, as on any lane"
+
+
+def test_a_lane_still_determinable_settles_both_boundary_cells_and_a_disagreeing_lower_one_first() -> None:
+    spec = spec_of(seeds=SEEDS8, model={"sizes": SIZES[:1]}, attention=["dpa"], search={"method": "frontier"})
+    search = FrontierSearch(spec, verify=False)
+    for rung in range(3):
+        tell(search, spec, "dpa", 0, rung, [0], 1)
+    tell(search, spec, "dpa", 0, 3, [0], 0)
+    assert search._open_at("dpa", 0, ()) == (None, {})
+    got = search.next_cells(100)
+    assert sorted((c["coords"][0], c["seed"]) for c in got) == [(2, s) for s in (1, 2, 3)] + [(3, s) for s in (1, 2, 3)]
+    # outcomes that agree: both cells at once (one pack). Outcomes that disagree at the lower cell:
+    search2 = FrontierSearch(spec, verify=False)
+    for rung in range(2):
+        tell(search2, spec, "dpa", 0, rung, [0], 1)
+    tell(search2, spec, "dpa", 0, 2, [0, 1, 2], 2)  # 2/3: most seeds solved it, but they disagree
+    tell(search2, spec, "dpa", 0, 3, [0], 0)
+    nxt = search2.next_cells(100)
+    # rung 3's full-budget seeds wait until rung 2 is decided: if it turns out undecidable, they decide nothing
+    assert sorted((c["coords"][0], c["seed"]) for c in nxt) == [(2, 3)]
 
 
 def test_next_cells_hands_out_a_batch_and_waits_for_results() -> None:
