@@ -468,28 +468,32 @@ class FrontierSearch(_PicklingSearcher):
             free.append(seed)
         return free
 
+    def _seeds_needed(self, kind: str, si: int, pi: int) -> int | None:
+        """The fewest seeds that could still decide a cell: 0 if unprobed or decided, None if no seeds left could."""
+        k, n = self._counts(kind, si, pi)
+        if not n or decide(k, n) != "undetermined":
+            return 0
+        return seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind])))
+
     def _more_seeds(self, kind: str, si: int, pi: int) -> int:
         """Seeds to add to a probed cell now: 0 once it is decided or the seeds left cannot decide it.
 
         The fewest that could decide it while its outcomes agree; one at a time once they disagree,
         so a cell that turns out undecidable stops as soon as it is.
         """
+        need = self._seeds_needed(kind, si, pi)
+        if not need:
+            return 0
         k, n = self._counts(kind, si, pi)
-        if not n or decide(k, n) != "undetermined":
-            return 0
-        need = seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind])))
-        if need is None:
-            return 0
         return need if k in (0, n) else 1
+
+    def _flying(self, kind: str, si: int, pi: int) -> bool:
+        """Some seed of this kind's cell is in flight."""
+        return any(v and key[:3] == (kind, si, pi) for key, v in self.in_flight.items())
 
     def _undecidable(self, kind: str, si: int, pi: int) -> bool:
         """Probed, undetermined, nothing in flight, and no outcomes of the seeds left could decide it."""
-        k, n = self._counts(kind, si, pi)
-        if not n or decide(k, n) != "undetermined":
-            return False
-        if any(v and key[:3] == (kind, si, pi) for key, v in self.in_flight.items()):
-            return False
-        return seeds_to_decide(k, n, max_extra=len(self._free_seeds(si, pi, [kind]))) is None
+        return self._seeds_needed(kind, si, pi) is None and not self._flying(kind, si, pi)
 
     def _undecidable_above(self, kind: str, si: int, rest: tuple[int, ...]) -> int | None:
         """On a monotone lane, the lowest undecidable rung at or above its top and above every certainly solved rung."""
@@ -648,8 +652,7 @@ class FrontierSearch(_PicklingSearcher):
             pi = self.index[(*rest, first)]
             if any(c["kind"] == kind and c["size_idx"] == si and c["coords"] == [*rest, first] for c in planned):
                 continue
-            flying = any(v and k[:3] == (kind, si, pi) for k, v in self.in_flight.items())
-            if self.outcomes.get((kind, si, pi)) or flying:
+            if self.outcomes.get((kind, si, pi)) or self._flying(kind, si, pi):
                 continue
             seeds = self._free_seeds(si, pi, [kind])[:1]
             out += [make_cell(self.spec, kind, si, pi, lr, seed) for seed in seeds for lr in self.lrs]
