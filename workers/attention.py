@@ -185,6 +185,25 @@ _KINDS: dict[str, WeightsFn] = {
 
 ATTENTION_KINDS: tuple[str, ...] = tuple(_KINDS)
 
+# Kinds whose weights are the softmax of the scores or of their squares: they differ in one elementwise
+# step, so members of one pack may mix them (``squared_or_plain_softmax``, a flag per member).
+SQUARES_SCORES: dict[str, bool] = {"dpa": False, "ea": True}
+
+
+def pack_family(kind: str) -> str:
+    """What members of one pack must share about their attention: DPA and EA mix, any other kind packs alone."""
+    return "+".join(SQUARES_SCORES) if kind in SQUARES_SCORES else kind
+
+
+def squared_or_plain_softmax(scores: Tensor, square: Tensor, mask: Tensor) -> Tensor:
+    """EA's weights where ``square`` is true, DPA's where it is false (``square`` broadcasts to the scores).
+
+    Under ``vmap`` over a pack's members ``square`` is one flag per member. ``where`` hands each
+    member the branch of its kind, values and gradients unchanged, so a member computes what
+    ``_dpa`` or ``_ea_plain`` computes; the price is one square and one select for the DPA members.
+    """
+    return torch.softmax(torch.where(mask, torch.where(square, scores.square(), scores), _NEG_INF), dim=-1)
+
 
 def causal_mask(t: int, device: torch.device | str | None = None) -> Tensor:
     """Lower-triangular boolean mask (T, T): query i may attend to keys j <= i."""

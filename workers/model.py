@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from workers.attention import ATTENTION_KINDS, causal_mask, weights_from_scores
+from workers.attention import ATTENTION_KINDS, causal_mask, squared_or_plain_softmax, weights_from_scores
 
 QKV_INIT_STD = 0.02  # q/k/v projection init std by default (docs/evaluation.md, "Fair start": why not 0.2)
 
@@ -54,7 +54,8 @@ class CausalSelfAttention(nn.Module):
         self.mask: Tensor
         self.register_buffer("mask", causal_mask(cfg.context_length), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, square: Tensor | None = None) -> Tensor:
+        """``square``: EA (true) or DPA (false) instead of the configured kind (a pack that mixes them)."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, T, d)
@@ -62,7 +63,10 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q), rotate(k)
         scale = math.sqrt(q.shape[-1]) * self.log_temperature.exp()  # sqrt(d_head), not sqrt(d_model); (H, 1, 1)
         scores = (q @ k.transpose(-2, -1)) / scale  # (B, H, T, T)
-        w = weights_from_scores(scores, self.kind, self.eps, self.mask[:t, :t])  # (B, H, T, T)
+        if square is None:
+            w = weights_from_scores(scores, self.kind, self.eps, self.mask[:t, :t])  # (B, H, T, T)
+        else:
+            w = squared_or_plain_softmax(scores, square, self.mask[:t, :t])
         y = (w @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.proj(y)
 
@@ -88,8 +92,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: Tensor, square: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), square)
         return x + self.mlp(self.ln2(x))
 
 
@@ -147,8 +151,8 @@ class Transformer(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=cfg.init_std)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Logits (B, T, vocab) for token ids (B, T)."""
+    def forward(self, idx: Tensor, square: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); ``square``: see ``CausalSelfAttention.forward``."""
         t = idx.shape[1]
         if t > self.cfg.context_length:
             raise ValueError(f"sequence length {t} exceeds context_length={self.cfg.context_length}")
@@ -156,7 +160,7 @@ class Transformer(nn.Module):
         if self.pos is not None:
             x = x + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, square)
         return self.head(self.ln_f(x))  # (B, T, vocab)
 
     def num_parameters(self) -> int:

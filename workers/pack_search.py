@@ -3,7 +3,8 @@
 ``PackSearch`` wraps a searcher that hands out cells (``next_cells(k)``) and takes results
 one cell at a time (``record(cell, result, error)``): Optuna's paired picks and the frontier
 search. It asks for a few packs' worth of cells at once, groups them by what a pack shares
-(``workers.packing.group_key``) and hands Tune the largest pack; every member's final record
+(``workers.packing.group_key``; a probe's DPA and EA twins train in one pack while they are
+few) and hands Tune the largest pack; every member's final record
 is told to the inner searcher once, as the pack reports it or when the pack ends.
 """
 
@@ -65,7 +66,7 @@ class PackSearch(Searcher):
             self.waiting += self.inner.next_cells(self.ask - len(self.waiting))
         if not self.waiting:
             return Searcher.FINISHED if self.inner.done() else None
-        pack = max(plan_packs(self.waiting, self.limit, self.fixed), key=len)
+        pack = max(plan_packs(self.waiting, self.limit, self.fixed, mix_kinds=True), key=len)
         taken = {id(c) for c in pack}
         self.waiting = [c for c in self.waiting if id(c) not in taken]
         self.packs[trial_id], self.recorded[trial_id] = pack, set()

@@ -1,8 +1,10 @@
 """A pack: many trials of one shape trained as one vectorised model, each member still its own trial.
 
-Members share the attention kind, model shape, context, batch size, step budget and
-evaluation schedule (``pack_key``); they differ in seed, learning rate and task point (a
-smaller vocabulary is padded, and the logits it may not use are masked). The stacked
+Members share the model shape, context, batch size, step budget and evaluation schedule
+(``pack_key``); they differ in seed, learning rate and task point (a smaller vocabulary is
+padded, and the logits it may not use are masked), and DPA and EA members may share a pack (a
+flag per member squares its scores: ``workers.attention.squared_or_plain_softmax``), so a
+cell's twins, which share their seed's data stream, train together. The stacked
 parameters of the members' own ``Transformer`` modules run through ``torch.func``:
 ``vmap(grad_and_value(loss))`` gives each member the gradient of its own loss (no shared
 sum, so a NaN in one member cannot reach another), then per-member clipping and one
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
+from workers.attention import SQUARES_SCORES, pack_family
 from workers.evaluation import EvalSets, build_eval_sets
 from workers.model import Transformer
 from workers.tasks import GENERATOR_VERSION, NTStream
@@ -37,7 +40,8 @@ from workers.trial import DIVERGENCE_FACTOR, TrialConfig, clip_groups, evaluate_
 
 log = logging.getLogger(__name__)
 
-# TrialConfig fields that members of one pack may differ in; everything else must agree.
+# TrialConfig fields that members of one pack may differ in; everything else must agree, except that
+# the attention kind must only agree in its ``pack_family`` (DPA and EA mix).
 MEMBER_FIELDS = ("seed", "lr", "task")
 # torch.optim.AdamW's defaults, which run_trial uses.
 ADAM_BETAS = (0.9, 0.999)
@@ -49,8 +53,9 @@ PackReporter = Callable[[Indexed, Indexed, Callable[[], dict[str, Any]]], None]
 
 
 def pack_key(cfg: TrialConfig) -> tuple[tuple[str, Any], ...]:
-    """What members of one pack share: every config field except seed, lr and task point."""
-    return tuple((k, v) for k, v in sorted(asdict(cfg).items()) if k not in MEMBER_FIELDS)
+    """What members of one pack share: every config field except seed, lr and task point; of the kind, its family."""
+    fields = asdict(cfg) | {"attention": pack_family(cfg.attention)}
+    return tuple((k, v) for k, v in sorted(fields.items()) if k not in MEMBER_FIELDS)
 
 
 def check_pack(cfgs: list[TrialConfig]) -> None:
@@ -122,10 +127,19 @@ _VOCAB_PARAMS = frozenset({"tok.weight", "head.weight", "head.bias"})  # the par
 
 
 def _member_loss(
-    base: Transformer, params: dict[str, Tensor], inputs: Tensor, targets: Tensor, scored: Tensor, vocab_ok: Tensor
+    base: Transformer,
+    params: dict[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    scored: Tensor,
+    vocab_ok: Tensor,
+    square: Tensor | None = None,
 ) -> Tensor:
-    """One member's mean cross-entropy over its scored positions (as ``run_trial``'s loss)."""
-    logits = functional_call(base, params, (inputs,))  # (B, L, V)
+    """One member's mean cross-entropy over its scored positions (as ``run_trial``'s loss).
+
+    ``square``: the member's EA flag in a pack that mixes DPA and EA (``base``'s own kind otherwise).
+    """
+    logits = functional_call(base, params, (inputs,), {} if square is None else {"square": square})  # (B, L, V)
     logits = torch.where(vocab_ok, logits, float("-inf"))  # a padded vocabulary entry is never predicted
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*L,)
     w = scored.flatten().to(ce.dtype)
@@ -272,8 +286,13 @@ def _train(
         m.model = Transformer(m.cfg.model_config()).to(device)
         m.record["n_params"] = m.model.num_parameters()
     vocab = max(m.model.cfg.vocab_size for m in members)
-    base = Transformer(replace(members[0].model.cfg, vocab_size=vocab)).to(device)  # shape and buffers only
-    names = [n for n, _ in base.named_parameters()]
+    # shape and buffers only, one per kind: a step whose members share a kind runs that kind's own code
+    bases = {
+        kind: Transformer(replace(members[0].model.cfg, vocab_size=vocab, attention=kind)).to(device)
+        for kind in dict.fromkeys(m.cfg.attention for m in members)
+    }
+    names = [n for n, _ in next(iter(bases.values())).named_parameters()]
+    square = torch.tensor([SQUARES_SCORES.get(m.cfg.attention, False) for m in members], device=device)
     vocab_ok = torch.stack([torch.arange(vocab, device=device) < m.model.cfg.vocab_size for m in members])  # (M, V)
 
     mixes = [m.cfg.mix() for m in members]
@@ -361,7 +380,12 @@ def _train(
         inputs = torch.stack([b.inputs for b in rows]).to(device)  # (M, B, L)
         targets = torch.stack([b.targets for b in rows]).to(device)
         scored = torch.stack([b.scored for b in rows]).to(device)
-        values, grads_of = gradients(base, stack.params, inputs, targets, scored, vocab_ok[active][:, None, None, :])
+        kinds = {members[i].cfg.attention for i in active}
+        mixed = (square[active],) if len(kinds) > 1 else ()  # DPA and EA in one step: a flag per member
+        base = bases[min(kinds)]
+        values, grads_of = gradients(
+            base, stack.params, inputs, targets, scored, vocab_ok[active][:, None, None, :], *mixed
+        )
         bad = [j for j, i in enumerate(active) if not math.isfinite(values[j]) or values[j] > limits[i]]
         if bad:  # diverged members leave before the update: their gradients never touch the others
             save_states()

@@ -1,7 +1,8 @@
 """Packs on Ray Tune: which trials train together, and the pack trainable.
 
 A study's cells are grouped by what a pack shares (``workers.packed.pack_key``: in one study,
-the attention kind and model size) and cut into balanced packs: a grid study's all at once,
+the attention kind and model size; a searcher's few DPA and EA cells at a time may share a
+pack) and cut into balanced packs: a grid study's all at once,
 a searcher's as it hands them out (``workers.pack_search``). One Tune trial
 runs one pack (``train_pack``) with the resources of one worker; it reports each member's
 evaluations and final record, which the study callback turns into one trial record and
@@ -27,6 +28,10 @@ from workers.trial import TrialConfig, trial_config
 Cell = dict[str, Any]
 
 AUTO_MAX_MEMBERS = 32  # pack: auto on CPU; per-member step time stops falling beyond ~16-32 (bench_packing.py)
+# A kind with this many cells of its own in a group trains in packs of its own: DPA and EA mixed in one
+# pack cost 0.71-0.86x of two packs of 1-2 members each, but 1.06x of two packs of 10 (the mixed step
+# squares every member's scores; docs/benchmarks.md, "DPA and EA in one pack").
+MIX_KINDS_BELOW = 8
 _STATE = "pack.pt"
 
 
@@ -52,23 +57,38 @@ def group_key(cell: Cell, fixed: dict[str, Any]) -> tuple[Any, ...]:
     return pack_key(trial_config({"cell": cell, "fixed": fixed}))
 
 
-def plan_packs(cells: list[Cell], limit: int, fixed: dict[str, Any], min_packs: int = 1) -> list[list[Cell]]:
+def plan_packs(
+    cells: list[Cell], limit: int, fixed: dict[str, Any], min_packs: int = 1, mix_kinds: bool = False
+) -> list[list[Cell]]:
     """Cells grouped by what a pack shares (``group_key``), cut into balanced packs of at most ``limit``.
 
-    Packs are split further (largest first) until there are ``min_packs`` of them, so that
-    every worker gets one. Cell order is kept within a pack.
+    DPA and EA cells share a group only with ``mix_kinds``, and only while some kind has fewer
+    than ``MIX_KINDS_BELOW`` cells in it (``_by_kind``): a searcher's few cells at a time. A grid
+    plans every pack at once, one kind per pack, so that its packs balance over the workers.
+    Packs are split further (largest first) until there are ``min_packs`` of them, so that every
+    worker gets one. Cell order is kept within a pack.
     """
     groups: dict[tuple[Any, ...], list[Cell]] = {}
     for c in cells:
         groups.setdefault(group_key(c, fixed), []).append(c)
     packs: list[list[Cell]] = []
-    for group in groups.values():
+    for group in (part for g in groups.values() for part in _by_kind(g, mix_kinds)):
         packs += _cut(group, math.ceil(len(group) / limit))
     while len(packs) < min_packs and any(len(p) > 1 for p in packs):
         big = max(packs, key=len)
         packs.remove(big)
         packs += _cut(big, 2)
     return packs
+
+
+def _by_kind(group: list[Cell], mix: bool) -> list[list[Cell]]:
+    """A group's cells in one part if ``mix`` and some kind has too few to fill a pack alone; else a part per kind."""
+    kinds: dict[str, list[Cell]] = {}
+    for c in group:
+        kinds.setdefault(c["kind"], []).append(c)
+    if mix and min(map(len, kinds.values())) < MIX_KINDS_BELOW:
+        return [group]
+    return list(kinds.values())
 
 
 def _cut(cells: list[Cell], n: int) -> list[list[Cell]]:

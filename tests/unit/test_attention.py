@@ -299,3 +299,24 @@ def test_fast_ea_paths_equal_the_plain_expressions_bit_for_bit(fast: str, plain:
         grads.append(s.grad)
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(grads[0], grads[1])
+
+
+def test_a_flag_per_member_gives_dpa_or_ea_bit_for_bit_under_vmap() -> None:
+    """A pack mixing DPA and EA: each member's weights and gradients are its own kind's plain expression's."""
+    import workers.attention as attn
+
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(4, 3, 2, 9, 9, generator=g) * 3  # (members, B, H, T, T)
+    upstream = torch.randn(4, 3, 2, 9, 9, generator=g)
+    square = torch.tensor([False, True, True, False])
+    mask = attn.causal_mask(9)
+    s = scores.clone().requires_grad_(True)
+    w = torch.func.vmap(lambda x, f: attn.squared_or_plain_softmax(x, f, mask))(s, square)
+    w.backward(upstream)
+    for m, sq in enumerate(square.tolist()):
+        one = scores[m].clone().requires_grad_(True)
+        want = (attn._ea_plain if sq else attn._dpa)(one, mask, 1e-6)
+        want.backward(upstream[m])
+        assert torch.equal(w[m].detach(), want.detach()), m
+        assert torch.equal(s.grad[m], one.grad), m
+    assert attn.pack_family("dpa") == attn.pack_family("ea") != attn.pack_family("ea_norm")

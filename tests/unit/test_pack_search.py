@@ -55,7 +55,7 @@ def states(storage: str) -> Counter[str]:
     return Counter(t.state.name for t in optuna.load_study(study_name="p", storage=storage).get_trials())
 
 
-def test_optuna_picks_run_as_packs_of_one_kind_and_size_and_each_pick_is_told_once(storage: str) -> None:
+def test_optuna_picks_run_as_packs_of_one_size_and_each_pick_is_told_once(storage: str) -> None:
     search = packed(OPTUNA, PairedOptunaSearch(OPTUNA, storage, "p"), limit=4)
     packs: dict[str, list[Cell]] = {}
     while isinstance(got := search.suggest(f"t{len(packs)}"), dict):
@@ -66,7 +66,8 @@ def test_optuna_picks_run_as_packs_of_one_kind_and_size_and_each_pick_is_told_on
     assert len({(c["kind"], c["seed"], c["size_idx"], c["point"], c["lr"]) for c in cells}) == 24
     for pack in packs.values():
         assert 1 <= len(pack) <= 4
-        assert len({(c["kind"], c["size_idx"]) for c in pack}) == 1, "one shape a pack"
+        assert len({c["size_idx"] for c in pack}) == 1, "one shape a pack"
+        assert {c["kind"] for c in pack} == {"dpa", "ea"}, "a pick's few twins share a pack"
     ids = list(packs)
     first = packs[ids[0]]
     search.on_trial_result(ids[0], finals(first, [0]))  # a member finishes early: recorded now
@@ -118,14 +119,16 @@ def test_frontier_search_runs_packed_to_the_end_with_every_cell_recorded_once() 
     inner = FrontierSearch(spec)
     search = packed(spec, inner, limit=8)
     ran: list[Cell] = []
+    twins = 0  # packs holding both kinds: a probe's twins train together
     for n in range(200):
         got = search.suggest(f"t{n}")
         if got == Searcher.FINISHED:
             break
         assert isinstance(got, dict), "nothing in flight: the searcher must hand out work or finish"
         pack = got["pack"]
-        assert len({(c["kind"], c["size_idx"]) for c in pack}) == 1
+        assert len({c["size_idx"] for c in pack}) == 1
         ran += pack
+        twins += {c["kind"] for c in pack} == {"dpa", "ea"}
         # truth: d16 solves rungs <= 1, d32 rungs <= 3, both kinds
         solved = [c["coords"][-1] <= (1 if c["size_idx"] == 0 else 3) for c in pack]
         search.on_trial_complete(
@@ -134,6 +137,7 @@ def test_frontier_search_runs_packed_to_the_end_with_every_cell_recorded_once() 
     assert got == Searcher.FINISHED and inner.done()
     keys = [(c["kind"], c["seed"], c["size_idx"], c["point"]) for c in ran]
     assert len(keys) == len(set(keys)), "no trial twice"
+    assert twins
     for kind in spec.attention:
         assert inner.lane_status(kind, 0, ())[:2] == (1, 2)
         assert inner.lane_status(kind, 1, ())[:2] == (3, 4)

@@ -36,10 +36,17 @@ MEMBERS = [
     replace(SHAPE, task=[[13, 4]], seed=0, lr=3e-3),
 ]
 TINY = replace(SHAPE, max_steps=60, eval_interval=20, eval_sequences=64, warmup_steps=10)
+KINDS = ("dpa", "ea")
 
 
 def _untimed(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k not in TIME_FIELDS}
+
+
+def _same_but_pack_size(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {k: v for k, v in _untimed(a).items() if k != "pack_size"} == {
+        k: v for k, v in _untimed(b).items() if k != "pack_size"
+    }
 
 
 class PackRecorder:
@@ -135,10 +142,27 @@ def test_diverging_member_is_alone_and_leaves_the_others_untouched(kind):
     assert with_wild[1]["status"] == "diverged", with_wild[1]
     assert "loss" in with_wild[1]["error"] and with_wild[1]["steps"] < TINY.max_steps
     for a, b in zip([with_wild[0], with_wild[2]], without, strict=True):
-        assert {k: v for k, v in _untimed(a).items() if k != "pack_size"} == {
-            k: v for k, v in _untimed(b).items() if k != "pack_size"
-        }
+        assert _same_but_pack_size(a, b)
         assert a["status"] in ("solved", "unsolved")
+
+
+def test_dpa_and_ea_in_one_pack_train_as_in_packs_of_their_own_kind():
+    # A probe's twins share a pack: each member's trajectory is the one it has in a pack of its own kind,
+    # bit for bit, also after a member has left (an EA member diverges at once).
+    twins = [replace(TINY, attention=k, seed=s, task=[[7, 2]] if s % 2 else [[13, 4]]) for s in range(3) for k in KINDS]
+    twins[3] = replace(twins[3], lr=1e5)  # ea, seed 1
+    rec = PackRecorder()
+    mixed = run_pack(twins, on_eval=rec)
+    assert mixed[3]["status"] == "diverged" and mixed[3]["steps"] < TINY.max_steps
+    assert {i for i, _ in rec.evals} == {0, 1, 2, 4, 5}
+    by_kind = {k: iter(run_pack([c for c in twins if c.attention == k])) for k in KINDS}
+    for cfg, r in zip(twins, mixed, strict=True):
+        assert _same_but_pack_size(r, next(by_kind[cfg.attention])), cfg
+    # once its only EA member has left, a mixed pack trains as a DPA pack
+    dpa = [replace(TINY, seed=0), replace(TINY, seed=1, task=[[7, 2]])]
+    left = run_pack([dpa[0], replace(TINY, attention="ea", seed=1, lr=1e5), dpa[1]])
+    assert left[1]["status"] == "diverged"
+    assert all(_same_but_pack_size(a, b) for a, b in zip([left[0], left[2]], run_pack(dpa), strict=True))
 
 
 def test_resume_from_a_checkpoint_is_exact(packed):
@@ -169,8 +193,9 @@ def test_members_must_share_the_shape():
     assert pack_key(replace(TINY, seed=5, lr=1.0, task=[[31, 6]])) == pack_key(TINY)
     with pytest.raises(ValueError, match="d_model"):
         check_pack([TINY, replace(TINY, d_model=32)])
+    assert pack_key(replace(TINY, attention="ea")) == pack_key(TINY)  # DPA and EA may share a pack
     with pytest.raises(ValueError, match="attention"):
-        check_pack([TINY, replace(TINY, attention="ea")])
+        check_pack([TINY, replace(TINY, attention="ea_norm")])
     with pytest.raises(ValueError, match="at least one"):
         check_pack([])
     with pytest.raises(ValueError, match="form"):

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from studies.spec import StudySpec
 from workers.callbacks import fixed_config
-from workers.packing import AUTO_MAX_MEMBERS, cells_of, max_members, member_results, plan_packs
+from workers.packing import AUTO_MAX_MEMBERS, MIX_KINDS_BELOW, cells_of, max_members, member_results, plan_packs
 from workers.search import make_cell
 
 BASE: dict[str, Any] = {
@@ -64,6 +64,20 @@ def test_packs_are_balanced_under_the_limit_and_split_for_idle_workers():
     assert [len(p) for p in plan_packs(one_group, 32, fixed, 1)] == [6]
     assert sorted(len(p) for p in plan_packs(one_group, 32, fixed, 2)) == [3, 3]  # two workers: two packs
     assert sorted(len(p) for p in plan_packs(one_group[:1], 32, fixed, 4)) == [1]  # nothing left to split
+
+
+def test_a_searchers_few_twins_share_a_pack_and_many_train_by_kind():
+    spec = _spec(attention=["dpa", "ea", "ea_norm"])
+    cells, fixed = _cells(spec), fixed_config(spec)
+    probe = [c for c in cells if c["size_idx"] == 0 and c["coords"] == [1] and c["seed"] == 0]  # one probe's twins
+    (pack, norm) = sorted(plan_packs(probe, 32, fixed, mix_kinds=True), key=len, reverse=True)
+    assert sorted(c["kind"] for c in pack) == ["dpa", "ea"] and [c["kind"] for c in norm] == ["ea_norm"]
+    assert sorted(len(p) for p in plan_packs(probe, 32, fixed)) == [1, 1, 1]  # a grid packs one kind at a time
+    # every kind with MIX_KINDS_BELOW cells of its own: packs by kind again (mixing costs more than it saves)
+    many = [make_cell(spec, k, 0, 0, 3e-3, seed) for seed in range(MIX_KINDS_BELOW) for k in ("dpa", "ea")]
+    assert [{c["kind"] for c in p} for p in plan_packs(many, 32, fixed, mix_kinds=True)] == [{"dpa"}, {"ea"}]
+    mixed = plan_packs(many[:-1], 32, fixed, mix_kinds=True)  # one EA cell short: one pack
+    assert [len(p) for p in mixed] == [2 * MIX_KINDS_BELOW - 1]
 
 
 def test_execution_pack_resolves_per_study():
