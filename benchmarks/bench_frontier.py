@@ -252,6 +252,7 @@ def packed_search_records(
     concurrency: int,
     search: Any,
     curve: Curve = LOADED,
+    mix_kinds: bool = True,
 ) -> list[TrialRecord]:
     """Drive ``search`` through ``PackSearch`` as Tune does on ``concurrency`` workers, one pack per worker.
 
@@ -260,7 +261,7 @@ def packed_search_records(
     when its pack's last member has finished.
     """
     limit = max_members(spec)
-    packer = PackSearch(search, fixed_config(spec), limit, limit * len(spec.attention))
+    packer = PackSearch(search, fixed_config(spec), limit, limit * len(spec.attention), mix_kinds)
     events: list[tuple[float, int, str, int]] = []  # (time, tie-break, pack trial id, member index)
     members: dict[str, list[TrialRecord]] = {}
     left: dict[str, int] = {}
@@ -344,11 +345,15 @@ MODES = {
 }
 
 
-def run_packed(ladder: Ladder, salt: int, concurrency: int, fill_packs: bool, curve: Curve = LOADED) -> dict[str, Any]:
+def run_packed(
+    ladder: Ladder, salt: int, concurrency: int, fill_packs: bool, curve: Curve = LOADED, mix_kinds: bool = True
+) -> dict[str, Any]:
     """Packed: the grid packed as the driver packs it, the search through ``PackSearch``; costs by pack size."""
     g = packed_grid_records(ladder, salt, concurrency, curve)
     search = FrontierSearch(ladder.spec, fill_packs=fill_packs)
-    s = packed_search_records(ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency, search, curve)
+    s = packed_search_records(
+        ladder.spec, lambda cell: simulate(ladder, cell, salt), concurrency, search, curve, mix_kinds
+    )
     return versus(ladder.spec, g, s)
 
 
@@ -416,6 +421,11 @@ def main() -> int:
         default="loaded",
         help="--cost packed: the per-member-step cost calibration by pack size (measured loaded or quiet)",
     )
+    p.add_argument(
+        "--kinds-apart",
+        action="store_true",
+        help="--cost packed: the search packs DPA and EA apart, as before they could share a pack",
+    )
     p.add_argument("--real", help="also run this spec for real (grid, then frontier) on local Ray")
     p.add_argument("--seeds", type=int, help="--real: run the spec with seeds 0..N-1 instead of its own")
     p.add_argument("--keep", help="--real: keep both studies' data directories under this directory")
@@ -443,7 +453,8 @@ def main() -> int:
                 runs = [run_simulated(ladder, salt, args.concurrency) for salt in range(args.repeats)]
             else:
                 fill = mode == "packed+fill"
-                runs = [run_packed(ladder, salt, args.concurrency, fill, curve) for salt in range(args.repeats)]
+                mix = not args.kinds_apart
+                runs = [run_packed(ladder, salt, args.concurrency, fill, curve, mix) for salt in range(args.repeats)]
             raw.setdefault(mode, {})[ladder.name] = runs
             spec = ladder.spec
             shape = (

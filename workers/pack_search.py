@@ -49,11 +49,17 @@ class PackSearch(Searcher):
         fixed: the study's fixed trial config (what packs are grouped by needs it).
         limit: most members a pack may have.
         ask: cells asked of ``inner`` at a time (packs of several kinds come from one ask).
+        mix_kinds: DPA and EA cells may share a pack (``workers.packing.plan_packs``).
     """
 
-    def __init__(self, inner: CellSearcher, fixed: dict[str, Any], limit: int, ask: int) -> None:
+    mix_kinds = False  # a searcher pickled before packs mixed kinds resumes packing them apart
+
+    def __init__(
+        self, inner: CellSearcher, fixed: dict[str, Any], limit: int, ask: int, mix_kinds: bool = True
+    ) -> None:
         super().__init__(metric="score", mode="max")
         self.inner, self.fixed, self.limit, self.ask = inner, fixed, limit, ask
+        self.mix_kinds = mix_kinds
         self.waiting: list[Cell] = []  # asked of the inner searcher, not yet in a pack
         self.packs: dict[str, list[Cell]] = {}  # Tune trial id -> its members' cells
         self.recorded: dict[str, set[int]] = {}  # Tune trial id -> members told to the inner searcher
@@ -66,7 +72,7 @@ class PackSearch(Searcher):
             self.waiting += self.inner.next_cells(self.ask - len(self.waiting))
         if not self.waiting:
             return Searcher.FINISHED if self.inner.done() else None
-        pack = max(plan_packs(self.waiting, self.limit, self.fixed, mix_kinds=True), key=len)
+        pack = max(plan_packs(self.waiting, self.limit, self.fixed, mix_kinds=self.mix_kinds), key=len)
         taken = {id(c) for c in pack}
         self.waiting = [c for c in self.waiting if id(c) not in taken]
         self.packs[trial_id], self.recorded[trial_id] = pack, set()

@@ -51,11 +51,11 @@ def test_a_pack_splits_each_step_among_the_members_it_trains() -> None:
 
 
 @pytest.mark.parametrize("ladder", LADDERS, ids=[ladder.name for ladder in LADDERS])
-def test_fill_packs_finds_the_grids_frontiers_cheaper_and_never_repeats_a_trial(ladder: Any) -> None:
+def test_fill_packs_and_mixed_kinds_find_the_grids_frontiers_cheaper_and_never_repeat_a_trial(ladder: Any) -> None:
     spec = ladder.spec
-    cost: dict[bool, float] = {}
-    for fill in (False, True):
-        cost[fill] = 0.0
+    cost: dict[tuple[bool, bool], float] = {}  # (fill_packs, mix_kinds) -> summed ratio over salts
+    for fill, mix in ((False, True), (True, True), (True, False)):
+        cost[fill, mix] = 0.0
         for salt in range(8):
             asked: list[tuple[Any, ...]] = []
 
@@ -63,12 +63,14 @@ def test_fill_packs_finds_the_grids_frontiers_cheaper_and_never_repeats_a_trial(
                 asked.append((cell["kind"], cell["size_idx"], cell["point"], cell["seed"], cell["lr"]))
                 return simulate(ladder, cell, salt)
 
-            found = packed_search_records(spec, oracle, 4, FrontierSearch(spec, fill_packs=fill))
+            found = packed_search_records(spec, oracle, 4, FrontierSearch(spec, fill_packs=fill), mix_kinds=mix)
             grid = packed_grid_records(ladder, salt, 4)
             assert len(asked) == len(set(asked)), "no trial twice"
             assert {k[3] for k in asked} <= set(spec.seeds)
             got = compare(build_report(spec, grid), build_report(spec, found))
             assert got["contradictions"] == 0
             assert got["same_in_search"] == got["determined_in_grid"], got
-            cost[fill] += sum(r.cpu_s for r in found) / sum(r.cpu_s for r in grid)
-    assert cost[True] < cost[False], "filling packs lowers the simulated CPU-s over 8 salts on every ladder"
+            cost[fill, mix] += sum(r.cpu_s for r in found) / sum(r.cpu_s for r in grid)
+    # over 8 salts on every ladder: filling packs, and twins sharing a pack, lower the simulated CPU-s
+    assert cost[True, True] < cost[False, True]
+    assert cost[True, True] < cost[True, False]
