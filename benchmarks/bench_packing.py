@@ -12,6 +12,8 @@ Parts (``--parts``, default all):
   ``kinds`` on a GPU (``benchmarks/gpu_packing.sh``: the prepared GPU run, which needs only torch).
 * ``forms``: the two gradient forms of ``GRADIENT_FORMS`` side by side (pack training time).
 * ``kinds``: EA/DPA training time ratio inside the packed trainer, same members, same steps.
+* ``twins``: a searcher's probe, n seeds of DPA and EA: one pack of 2n members mixing the kinds
+  against a pack of n per kind, one after the other (``--twin-sizes``), same members, same steps.
 * ``overhead``: what a Tune trial costs beyond its training, component by component (medians of
   repeats): a bare ``run_pack`` of one quick-start pack, Ray actor start (a fresh worker process
   that imports the trainer), MLflow (child run creation, one evaluation's metrics, the final
@@ -677,10 +679,32 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     return environment(torch.device(device)) | {"loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
+def part_twins(args: argparse.Namespace) -> dict[str, Any]:
+    base = quickstart_shape(args.size, args.device)
+
+    def twins(n: int, kinds: tuple[str, ...]) -> list[TrialConfig]:
+        return [replace(c, attention=k) for c in _members(base, n, args.steps) for k in kinds]
+
+    cases: dict[str, Callable[[], Any]] = {}
+    for n in args.twin_sizes:
+        cases[f"mixed 2x{n}"] = lambda n=n: run_pack(twins(n, ("dpa", "ea")))
+        cases[f"apart 2x{n}"] = lambda n=n: [run_pack(twins(n, (k,))) for k in ("dpa", "ea")]
+    times = interleaved(cases, args.reps, args.seed)
+    rows: dict[str, Any] = {k: _stats(v) for k, v in times.items()}
+    for n in args.twin_sizes:
+        mixed, apart = times[f"mixed 2x{n}"], times[f"apart 2x{n}"]
+        rows[f"mixed/apart 2x{n}"] = {
+            "ratio_of_medians": statistics.median(mixed) / statistics.median(apart),
+            "paired": _stats([m / a for m, a in zip(mixed, apart, strict=True)]),
+        }
+    return {"shape": _shape(base), "rows": rows}
+
+
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "throughput": part_throughput,
     "forms": part_forms,
     "kinds": part_kinds,
+    "twins": part_twins,
     "overhead": part_overhead,
     "study": part_study,
     "context": part_context,
@@ -703,7 +727,7 @@ def report(results: dict[str, Any]) -> str:
                 f"| {name} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['s_per_member_step'] * 1e3:.2f} ms "
                 f"| {r['trials_per_hour']:.0f} | {r['vs_solo']:.2f}x |"
             )
-    for part in ("forms", "kinds"):
+    for part in ("forms", "kinds", "twins"):
         if part in results:
             out += [f"\n## {part} ({results[part]['shape']})", "", "| case | median | spread |", "|---|---|---|"]
             for name, r in results[part]["rows"].items():
@@ -711,7 +735,8 @@ def report(results: dict[str, Any]) -> str:
                     out.append(f"| {name} | {r['median']:.2f} s | {r['min']:.2f}-{r['max']:.2f} s |")
                 else:
                     p = r["paired"]
-                    ratio = f"{r['ratio_of_medians']:.3f} (target <= {TARGET_KIND_RATIO})"
+                    target = f" (target <= {TARGET_KIND_RATIO})" if part == "kinds" else ""
+                    ratio = f"{r['ratio_of_medians']:.3f}{target}"
                     out.append(f"| {name} | {ratio} | paired {p['min']:.3f}-{p['max']:.3f} |")
     if "overhead" in results:
         o = results["overhead"]
@@ -798,6 +823,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="training steps timed per case (one evaluation at the end)")
     p.add_argument("--pack-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     p.add_argument("--form-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8])
+    p.add_argument(
+        "--twin-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 2, 4, 8, 16],
+        help="twins part: seeds per probe (each kind's members in a pack apart)",
+    )
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions per case")
     p.add_argument("--overhead-steps", type=int, default=200, help="steps of the bare pack in the overhead part")
     p.add_argument("--overhead-reps", type=int, default=3, help="repetitions of the slow overhead components")
@@ -810,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets one)")
     p.add_argument(
-        "--device", default="cpu", help="throughput, forms and kinds parts: where the trials train (cpu, cuda)"
+        "--device", default="cpu", help="throughput, forms, kinds and twins parts: where the trials train (cpu, cuda)"
     )
     p.add_argument(
         "--solo-procs",
