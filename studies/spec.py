@@ -358,7 +358,8 @@ class Execution(_Strict):
 
     pack: Literal["auto", "off"] | PosInt = Field(
         default="auto",
-        description="auto: pack trials of one kind and model size (grid and frontier: at most 32 a pack, a grid "
+        description="auto: pack trials of one kind and model size (a searcher's DPA and EA twins may share a pack; "
+        "grid and frontier: at most 32 a pack, a grid "
         "in at least max_concurrent packs; optuna: small enough for 4 rounds of picks); off: one trial per "
         "worker; a number: at most that many trials a pack",
     )

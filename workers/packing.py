@@ -29,8 +29,8 @@ Cell = dict[str, Any]
 
 AUTO_MAX_MEMBERS = 32  # pack: auto on CPU; per-member step time stops falling beyond ~16-32 (bench_packing.py)
 # A kind with this many cells of its own in a group trains in packs of its own: DPA and EA mixed in one
-# pack cost 0.71-0.86x of two packs of 1-2 members each, but 1.06x of two packs of 10 (the mixed step
-# squares every member's scores; docs/benchmarks.md, "DPA and EA in one pack").
+# pack cost 0.75-0.93x of a pack of 1-4 members per kind, but 0.99-1.04x at 8 and 1.04-1.13x at 16 (the
+# mixed step squares every member's scores; docs/benchmarks.md, "DPA and EA twins in one pack").
 MIX_KINDS_BELOW = 8
 _STATE = "pack.pt"
 
