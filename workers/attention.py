@@ -202,7 +202,7 @@ def squared_or_plain_softmax(scores: Tensor, square: Tensor, mask: Tensor) -> Te
     member the branch of its kind, values and gradients unchanged, so a member computes what
     ``_dpa`` or ``_ea_plain`` computes; the price is one square and one select for the DPA members.
     """
-    return torch.softmax(torch.where(mask, torch.where(square, scores.square(), scores), _NEG_INF), dim=-1)
+    return _dpa(torch.where(square, scores.square(), scores), mask, 0.0)
 
 
 def causal_mask(t: int, device: torch.device | str | None = None) -> Tensor:

@@ -327,10 +327,17 @@ def _train(
     loss_sums = {i: 0.0 for i in active}  # zero at every evaluation, so never part of the state
     last_eval = step
 
+    base = next(iter(bases.values()))  # the step's module and its members' flags, set with the active members
+    mixed: tuple[Tensor, ...] = ()
+
     def restack(keep: list[int]) -> None:
-        """Rebuild the stack from the members ``keep`` (their solo-form states)."""
+        """Rebuild the stack from the members ``keep`` (their solo-form states), and pick the step's kind."""
+        nonlocal base, mixed
         if keep:
             stack.load([states[i] for i in keep])
+            kinds = {members[i].cfg.attention for i in keep}
+            base = bases[min(kinds)]
+            mixed = (square[keep],) if len(kinds) > 1 else ()  # DPA and EA in one step: a flag per member
 
     def save_states() -> None:
         for j, i in enumerate(active):
@@ -380,9 +387,6 @@ def _train(
         inputs = torch.stack([b.inputs for b in rows]).to(device)  # (M, B, L)
         targets = torch.stack([b.targets for b in rows]).to(device)
         scored = torch.stack([b.scored for b in rows]).to(device)
-        kinds = {members[i].cfg.attention for i in active}
-        mixed = (square[active],) if len(kinds) > 1 else ()  # DPA and EA in one step: a flag per member
-        base = bases[min(kinds)]
         values, grads_of = gradients(
             base, stack.params, inputs, targets, scored, vocab_ok[active][:, None, None, :], *mixed
         )
